@@ -1,0 +1,5 @@
+import sys
+
+from moecpt.cli import main
+
+sys.exit(main())
