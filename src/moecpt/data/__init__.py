@@ -1,0 +1,1 @@
+"""Data pipeline: JSON Lines corpora -> Megatron token shards -> weighted, resumable packed mixture."""
