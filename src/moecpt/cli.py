@@ -16,7 +16,7 @@ from moecpt.errors import UserError
 # Modules that add sub-commands, in the order they appear in `moecpt --help`.
 COMMAND_MODULES = (
     "moecpt.data.cli",
-    "moecpt.model.cli",
+    "moecpt.eval.cli",
 )
 
 
