@@ -1,0 +1,370 @@
+"""Text corpora -> token shards: `tokenize_corpus` (behind `moecpt data tokenize`) and `cached_shard`.
+
+Inputs are JSON Lines files (one document a line, text under a configurable key) or plain `.txt` files (the
+whole file is one document), optionally compressed (`.gz`, `.zst`). Bad input stops the run with an error that
+names the file and line (or byte offset); nothing is dropped silently: empty documents and, when asked,
+invalid JSON lines are skipped and counted in the report and the shard's sidecar.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from glob import glob, has_magic
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from moecpt.data.indexed import ShardWriter, dtype_for_vocab, file_sha256, shard_exists
+from moecpt.data.tokenizer import Tokenizer, load_tokenizer
+from moecpt.errors import UserError
+
+_TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+_CHUNK_BYTES = 1 << 20  # text per work item: large enough to amortise IPC, small enough to stream
+
+
+@dataclass
+class TokenizeReport:
+    """What a tokenize run read, wrote and skipped."""
+
+    prefix: str
+    num_documents: int = 0
+    num_tokens: int = 0
+    num_bytes: int = 0
+    empty_documents: int = 0
+    invalid_json_lines: int = 0
+    invalid_json_examples: list[str] = field(default_factory=list)
+    blank_lines: int = 0
+    seconds: float = 0.0
+    dtype: str = ""
+
+    def summary(self) -> str:
+        rate = self.num_tokens / self.seconds if self.seconds else 0.0
+        lines = [
+            f"wrote {self.prefix}.bin/.idx: {self.num_documents:,} documents, {self.num_tokens:,} tokens ({self.dtype})",
+            f"read {self.num_bytes / 1e6:.1f} MB of text in {self.seconds:.1f} s ({rate:,.0f} tokens/s)",
+            f"skipped: {self.empty_documents} empty documents, {self.blank_lines} blank lines, "
+            f"{self.invalid_json_lines} invalid JSON lines",
+        ]
+        lines += [f"  invalid JSON: {e}" for e in self.invalid_json_examples]
+        return "\n".join(lines)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named by paths, globs or directories, in a stable order; a name matching nothing is an error."""
+    files: list[Path] = []
+    for item in inputs:
+        s = os.fspath(item)
+        if has_magic(s):
+            matches = sorted(Path(m) for m in glob(s, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UserError(f"{s}: no input file matches this pattern")
+            files += matches
+        elif Path(s).is_dir():
+            matches = sorted(p for p in Path(s).rglob("*") if p.is_file() and _is_text_input(p))
+            if not matches:
+                raise UserError(f"{s}: directory has no .jsonl/.json/.txt files (optionally .gz/.zst)")
+            files += matches
+        elif Path(s).is_file():
+            files.append(Path(s))
+        else:
+            raise UserError(f"{s}: input file not found")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:  # the same file named twice would silently double its weight
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
+
+
+def _is_text_input(p: Path) -> bool:
+    name = p.name.removesuffix(".gz").removesuffix(".zst")
+    return name.endswith(_TEXT_SUFFIXES)
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError as e:
+            raise UserError(
+                f"{path}: reading .zst files needs the package zstandard: pip install zstandard"
+            ) from e
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _decode_error(
+    path: Path, offset: int, line: int | None, encoding: str, e: UnicodeDecodeError
+) -> UserError:
+    where = f"{path}:{line}" if line is not None else str(path)
+    return UserError(
+        f"{where}: cannot decode byte offset {offset} as {encoding} ({e.reason}). If the file uses another "
+        "encoding, say which with --encoding, e.g. --encoding cp932 for Shift_JIS (Aozora Bunko) text"
+    )
+
+
+class _Reader:
+    """Yields document texts from the input files and keeps the counts for the report."""
+
+    def __init__(
+        self, files: list[Path], text_key: str, encoding: str, skip_invalid_json: bool, report: TokenizeReport
+    ):
+        self.files, self.text_key, self.encoding = files, text_key, encoding
+        self.skip_invalid_json, self.report = skip_invalid_json, report
+        self.documents_per_file: list[int] = []
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.files:
+            before = self.report.num_documents
+            name = path.name.removesuffix(".gz").removesuffix(".zst")
+            yield from (self._text_file(path) if name.endswith(".txt") else self._jsonl_file(path))
+            self.documents_per_file.append(self.report.num_documents - before)
+
+    def _keep(self, text: str, nbytes: int) -> bool:
+        self.report.num_bytes += nbytes
+        if not text.strip():
+            self.report.empty_documents += 1
+            return False
+        self.report.num_documents += 1
+        return True
+
+    def _text_file(self, path: Path) -> Iterator[str]:
+        with _open_binary(path) as f:
+            data = f.read()
+        try:
+            text = data.decode(self.encoding)
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise _decode_error(path, e.start, line, self.encoding, e) from None
+        if self._keep(text, len(data)):
+            yield text
+
+    def _jsonl_file(self, path: Path) -> Iterator[str]:
+        offset = 0
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
+                try:
+                    line = raw.decode(self.encoding)
+                except UnicodeDecodeError as e:
+                    raise _decode_error(path, start + e.start, lineno, self.encoding, e) from None
+                if not line.strip():
+                    self.report.blank_lines += 1
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if not self.skip_invalid_json:
+                        raise UserError(
+                            f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the line, or pass "
+                            "--skip-invalid-json to skip such lines (they are counted in the report)"
+                        ) from None
+                    self.report.invalid_json_lines += 1
+                    if len(self.report.invalid_json_examples) < 10:
+                        self.report.invalid_json_examples.append(f"{path}:{lineno}: {e.msg}")
+                    continue
+                if not isinstance(record, dict) or self.text_key not in record:
+                    keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+                    raise UserError(
+                        f"{path}:{lineno}: no key {self.text_key!r} in the record (it has: {keys}); "
+                        "name the text field with --text-key"
+                    )
+                text = record[self.text_key]
+                if not isinstance(text, str):
+                    raise UserError(
+                        f"{path}:{lineno}: key {self.text_key!r} holds a {type(text).__name__}, not a string"
+                    )
+                if self._keep(text, len(raw)):
+                    yield text
+
+
+def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for t in texts:
+        chunk.append(t)
+        size += len(t)
+        if size >= _CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# Worker side. Each worker process loads the tokenizer once, in its initializer.
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str, dtype: str, bos: int | None, eos: int | None) -> None:
+    _worker_state.update(tok=load_tokenizer(tokenizer_path), dtype=np.dtype(dtype), bos=bos, eos=eos)
+
+
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    s = _worker_state
+    return encode_documents(s["tok"], texts, s["dtype"], s["bos"], s["eos"])
+
+
+def encode_documents(
+    tok: Tokenizer, texts: list[str], dtype: np.dtype, bos: int | None, eos: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode documents into (concatenated tokens, per-document lengths), adding BOS/EOS when given."""
+    arrays = tok.encode_batch_arrays(texts)
+    extra = (bos is not None) + (eos is not None)
+    lengths = np.fromiter((a.size + extra for a in arrays), dtype=np.int32, count=len(arrays))
+    if extra == 0:
+        return np.concatenate(arrays).astype(dtype, copy=False), lengths
+    out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=dtype)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    starts = ends - lengths
+    if bos is not None:
+        out[starts] = bos
+    if eos is not None:
+        out[ends - 1] = eos
+    first = int(bos is not None)
+    for a, s in zip(arrays, starts, strict=True):
+        out[s + first : s + first + a.size] = a
+    return out, lengths
+
+
+def tokenize_corpus(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    text_key: str = "text",
+    workers: int = 1,
+    encoding: str = "utf-8",
+    append_bos: bool = False,
+    append_eos: bool = True,
+    skip_invalid_json: bool = False,
+    progress: bool | None = None,
+) -> TokenizeReport:
+    """Tokenize `inputs` (paths, globs, directories) into the Megatron shard `output`.bin/.idx (+ .meta.json).
+
+    Document i of the inputs, in order, becomes sequence i: its text encoded without BOS, then EOS
+    (`append_bos`/`append_eos` change that). `workers` > 1 encodes in that many processes; the output is the
+    same either way. Written under temporary names and renamed only when complete.
+    """
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise UserError(f"unknown encoding {encoding!r} (try utf-8, cp932, euc-jp)") from None
+    files = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    if append_bos and tok.bos_id is None:
+        raise UserError(f"{tok.path}: the tokenizer has no BOS token, so BOS cannot be added")
+    bos = tok.bos_id if append_bos else None
+    eos = tok.eos_id if append_eos else None
+    report = TokenizeReport(prefix=os.fspath(output), dtype=dtype.name)
+    reader = _Reader(files, text_key, codec, skip_invalid_json, report)
+    total_bytes = sum(f.stat().st_size for f in files)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+    t0 = time.perf_counter()
+    writer = ShardWriter(output, dtype)
+    pool = None
+    try:
+        if workers <= 1:
+            for chunk in _chunks(iter(reader)):
+                writer.add_documents(*encode_documents(tok, chunk, dtype, bos, eos))
+                bar.update(report.num_bytes - bar.n)
+        else:
+            pool = mp.get_context().Pool(workers, _init_worker, (tok.path, dtype.str, bos, eos))
+            pending: deque = deque()
+            for chunk in _chunks(iter(reader)):
+                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+                while len(pending) > 2 * workers:
+                    writer.add_documents(*pending.popleft().get())
+                bar.update(report.num_bytes - bar.n)
+            while pending:
+                writer.add_documents(*pending.popleft().get())
+        meta = {
+            "tokenizer": {
+                "path": tok.path,
+                "sha256": tok.fingerprint,
+                "vocab_size": tok.vocab_size,
+                "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id,
+            },
+            "append_bos": append_bos,
+            "append_eos": append_eos,
+            "text_key": text_key,
+            "encoding": codec,
+            "sources": [
+                {"path": str(f), "sha256": file_sha256(f), "bytes": f.stat().st_size, "documents": n}
+                for f, n in zip(files, reader.documents_per_file, strict=True)
+            ],
+            "skipped": {
+                "empty_documents": report.empty_documents,
+                "blank_lines": report.blank_lines,
+                "invalid_json_lines": report.invalid_json_lines,
+            },
+        }
+        if report.num_documents == 0:
+            raise UserError(f"{', '.join(map(str, files))}: no non-empty documents; nothing to write")
+        writer.finish(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    report.num_tokens = writer.num_tokens
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def cached_shard(
+    inputs: Sequence[str | os.PathLike],
+    cache_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    text_key: str = "text",
+    encoding: str = "utf-8",
+    workers: int = 1,
+) -> Path:
+    """The shard prefix for `inputs` in `cache_dir`, tokenizing them on first use.
+
+    The cache key hashes the input files' contents, the tokenizer file and the options, so an edited corpus or
+    another tokenizer gets a new shard instead of a stale one.
+    """
+    files = expand_inputs(inputs)
+    tok_path = load_tokenizer(tokenizer).path
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "files": [[f.name, file_sha256(f)] for f in files],
+                "tokenizer": file_sha256(tok_path),
+                "text_key": text_key,
+                "encoding": encoding,
+                "format": 1,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    stem = files[0].name.split(".")[0] if len(files) == 1 else f"{files[0].parent.name}-{len(files)}files"
+    prefix = Path(cache_dir) / f"{stem}-{key}"
+    if not shard_exists(prefix):
+        tokenize_corpus(
+            files, prefix, tokenizer=tok_path, text_key=text_key, encoding=encoding, workers=workers
+        )
+    return prefix

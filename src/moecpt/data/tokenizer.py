@@ -1,0 +1,191 @@
+"""One small interface over the two tokenizer formats in use: SentencePiece models and Hugging Face `tokenizer.json`.
+
+The default is the real Mixtral-8x7B tokenizer (SentencePiece, 32,000 pieces), which the PyPI package
+`mistral-common` ships as `mistral_common/data/tokenizer.model.v1`. `encode` never adds BOS/EOS: where those go is
+the caller's decision (the tokenize step appends EOS per document).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from moecpt.data.indexed import file_sha256
+from moecpt.errors import UserError
+
+DEFAULT_TOKENIZER = "mistral_common/data/tokenizer.model.v1"
+
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "[BOS]")
+_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+
+
+def default_tokenizer_path() -> Path:
+    """The Mixtral tokenizer file inside the installed `mistral-common`, located without importing it."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the default tokenizer (Mixtral-8x7B) comes from the package mistral-common: "
+            "pip install mistral-common, or pass --tokenizer PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise UserError(
+            f"{path} is missing from the installed mistral-common; reinstall it or pass --tokenizer PATH"
+        )
+    return path
+
+
+class Tokenizer:
+    """A loaded tokenizer. Use `load_tokenizer` to make one.
+
+    Attributes: `bos_id` (None if the vocabulary has none), `eos_id`, `pad_id` (or None), `vocab_size`,
+    `fingerprint` (sha256 of the tokenizer file, so a change of tokenizer is detectable), `path`.
+    """
+
+    bos_id: int | None
+    eos_id: int
+    pad_id: int | None
+    vocab_size: int
+    fingerprint: str
+    path: str
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS or EOS."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def encode_batch_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Like `encode_batch`, as numpy arrays (avoids building Python lists on the preprocessing hot path)."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+        )
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model` file (Mixtral, Mistral, Llama-2 and Swallow tokenizers)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = str(path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{path}: not a readable SentencePiece model ({e})") from e
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.bos_id = _or_none(self._sp.bos_id())
+        self.pad_id = _or_none(self._sp.pad_id())
+        eos = _or_none(self._sp.eos_id())
+        if eos is None:
+            raise UserError(f"{path}: the SentencePiece model defines no EOS piece, which packing needs")
+        self.eos_id = eos
+        self.fingerprint = file_sha256(self.path)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), num_threads=1)
+
+    def encode_batch_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return self._sp.encode_as_numpy(list(texts), num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (read with the `tokenizers` library, not `transformers`).
+
+    Special tokens come from a `tokenizer_config.json` beside it when present, else from the usual names
+    (`</s>`, `<|endoftext|>`, ...).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            from tokenizers import Tokenizer as _Tok
+        except ImportError as e:
+            raise UserError(
+                "reading tokenizer.json needs the package tokenizers: pip install tokenizers"
+            ) from e
+        self.path = str(path)
+        try:
+            self._tok = _Tok.from_file(self.path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise UserError(f"{path}: not a readable Hugging Face tokenizer.json ({e})") from e
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        config = _special_tokens_from_config(Path(path).parent / "tokenizer_config.json")
+        self.bos_id = self._find(config.get("bos_token"), _BOS_NAMES)
+        self.pad_id = self._find(config.get("pad_token"), _PAD_NAMES)
+        eos = self._find(config.get("eos_token"), _EOS_NAMES)
+        if eos is None:
+            raise UserError(
+                f"{path}: no end-of-sequence token found (looked for eos_token in tokenizer_config.json and for "
+                f"{', '.join(_EOS_NAMES)}); add eos_token to a tokenizer_config.json beside it"
+            )
+        self.eos_id = eos
+        self.fingerprint = file_sha256(self.path)
+
+    def _find(self, configured: str | None, names: tuple[str, ...]) -> int | None:
+        for name in (configured,) if configured else names:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return int(i)
+        return None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _special_tokens_from_config(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = cfg.get(key)
+        if isinstance(value, dict):  # {"content": "</s>", ...} in older configs
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def _or_none(i: int) -> int | None:
+    return None if i < 0 else int(i)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """Load a tokenizer: None for the default Mixtral one; a SentencePiece `.model`; a `tokenizer.json`;
+    or a directory holding `tokenizer.model` (preferred) or `tokenizer.json`."""
+    p = default_tokenizer_path() if path is None else Path(path)
+    if p.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise UserError(f"{p}: directory has neither tokenizer.model nor tokenizer.json")
+    if not p.is_file():
+        raise UserError(
+            f"{p}: tokenizer not found; pass --tokenizer with a .model file, tokenizer.json or directory"
+        )
+    if p.suffix == ".json":
+        return HFTokenizer(p)
+    return SentencePieceTokenizer(p)
