@@ -1,0 +1,129 @@
+"""Model configuration: the Hugging Face Mixtral fields, plus named presets.
+
+Field names follow `transformers.MixtralConfig` so that a `config.json` maps onto this dataclass one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from moecpt.errors import UserError
+
+
+@dataclass(frozen=True)
+class MixtralConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336  # per expert
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None
+    router_aux_loss_coef: float = 0.02  # Mixtral's published value
+    router_z_loss_coef: float = 0.0  # moecpt extra (ST-MoE z-loss); not a transformers field
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts_per_tok"):
+            if int(getattr(self, name)) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % max(self.num_key_value_heads, 1):
+            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                            f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None and self.hidden_size % max(self.num_attention_heads, 1):
+            problems.append(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                            f"({self.num_attention_heads}); set head_dim explicitly")
+        if self.num_experts_per_tok > self.num_local_experts:
+            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_local_experts "
+                            f"({self.num_local_experts})")
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported (Mixtral uses 'silu')")
+        if problems:
+            raise UserError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    # ---- presets -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MixtralConfig:
+        """A named shape (`mixtral-8x7b`, `bench-1b`, `mini`, `tiny`), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    # ---- Hugging Face config.json --------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> MixtralConfig:
+        """Read a Hugging Face Mixtral `config.json` dict (transformers 4.x or 5.x spelling)."""
+        model_type = d.get("model_type")
+        if model_type not in (None, "mixtral"):
+            raise UserError(f"{source}: model_type is {model_type!r}; moecpt loads Mixtral models ('mixtral')")
+        d = dict(d)
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
+        if rope:
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise UserError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
+            d.setdefault("rope_theta", rope.get("rope_theta", d.get("rope_theta", 1e6)))
+        if d.get("router_jitter_noise"):
+            raise UserError(f"{source}: router_jitter_noise={d['router_jitter_noise']} is not supported; set it to 0")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(d.get(key), list):  # some configs list several ids; the first is the canonical one
+                d[key] = d[key][0] if d[key] else None
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in d]
+        if missing:
+            raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
+        return cls(**kwargs)
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """A `config.json` dict that transformers (4.x and 5.x) reads as `MixtralForCausalLM`."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "router_z_loss_coef"}
+        d.update(
+            architectures=["MixtralForCausalLM"],
+            model_type="mixtral",
+            torch_dtype=dtype,
+            attention_dropout=0.0,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+            use_cache=True,
+        )
+        return d
+
+
+PRESETS: dict[str, MixtralConfig] = {
+    "mixtral-8x7b": MixtralConfig(),
+    # The benchmark shape of the GPU throughput issue.
+    "bench-1b": MixtralConfig(
+        hidden_size=1024, intermediate_size=3584, num_hidden_layers=12, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=4096,
+    ),
+    # Small enough to train for minutes on a laptop CPU, with the real 32,000-piece vocabulary.
+    "mini": MixtralConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=2048,
+    ),
+    # For tests: a few hundred thousand parameters besides the embeddings.
+    "tiny": MixtralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, max_position_embeddings=2048,
+    ),
+}

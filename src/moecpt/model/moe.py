@@ -1,0 +1,142 @@
+"""The sparse mixture-of-experts feed-forward block of Mixtral.
+
+Each token is routed to its top-k experts (softmax over the router logits in fp32, top-k, renormalised: the
+Mixtral rule). Tokens are permuted so that each expert's tokens are contiguous, all experts run as one grouped
+GEMM (dropless: every token is computed), and the outputs are weighted and summed back per token.
+
+Shapes in names: T tokens, H hidden, F expert ffn, E experts, K experts per token, N = T * K routed rows.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM kernel takes these operands (it has dtype, device and alignment limits)."""
+    if _NATIVE_GROUPED_MM is None:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if x.device.type == "cpu" and _TORCH_VERSION >= (2, 9):
+        return x.dtype == w.dtype and _aligned16(x) and _aligned16(w)  # the CPU kernel's layout rule
+    return False
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    """Base pointer and every non-unit stride a multiple of 16 bytes."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+
+
+def grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Per-group matmul: rows offs[e-1]:offs[e] of x times w[e]. x is [N, K], w is [E, K, M], result [N, M].
+
+    Uses torch's grouped GEMM kernel where it applies, otherwise a loop over the groups (one host sync).
+    """
+    if _native_grouped_mm_ok(x_NK, w_EKM):
+        return _NATIVE_GROUPED_MM(x_NK, w_EKM, offs=offs_E)
+    ends = offs_E.tolist()
+    starts = [0, *ends[:-1]]
+    outs = [x_NK[s:e] @ w_EKM[i] for i, (s, e) in enumerate(zip(starts, ends, strict=True))]
+    return torch.cat(outs) if outs else x_NK.new_zeros(0, w_EKM.shape[-1])
+
+
+class RouterStats(NamedTuple):
+    """What the load-balancing and z losses need from one layer, counted over real (unmasked) tokens only."""
+
+    tokens_per_expert: torch.Tensor  # [E] float32: top-k assignments per expert
+    prob_sum: torch.Tensor  # [E] float32: summed router probabilities per expert
+    num_tokens: torch.Tensor  # [] float32: real tokens routed
+    z_sum: torch.Tensor  # [] float32: summed logsumexp(router logits)^2
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights, laid out like transformers 5 (`gate_up_proj`, `down_proj`)."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))  # [E, 2F, H]: w1 then w3
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, ffn))  # [E, H, F]: w2
+
+    def forward(self, x_NH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        h_N2F = grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs_E)
+        gate, up = h_N2F.chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs_E)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)  # the router
+        self.experts = Experts(num_experts, hidden, ffn)
+
+    def route(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits and probabilities in fp32 (autocast off), top-k weights renormalised, top-k indices."""
+        with torch.autocast(x_TH.device.type, enabled=False):
+            logits_TE = F.linear(x_TH.float(), self.gate.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, weights_TK, experts_TK
+
+    def forward(self, x_BTH: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        """token_mask [B, T] (True = real token) only affects the statistics: every token is computed."""
+        B, T, H = x_BTH.shape
+        E, K = self.num_experts, self.top_k
+        x_TH = x_BTH.reshape(-1, H)
+        logits_TE, weights_TK, experts_TK = self.route(x_TH)
+
+        # Permute: rows sorted by expert (stable, so tokens keep their order within an expert).
+        flat_N = experts_TK.reshape(-1)
+        order_N = flat_N.argsort(stable=True)
+        counts_E = torch.zeros(E, dtype=torch.int32, device=x_TH.device)
+        counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
+        offs_E = counts_E.cumsum(0, dtype=torch.int32)
+        y_NH = self.experts(x_TH[order_N // K], offs_E)
+
+        # Unpermute (a gather by the inverse permutation) and mix the K expert outputs of each token.
+        y_TKH = y_NH[order_N.argsort()].view(-1, K, H)
+        out_TH = torch.bmm(weights_TK.to(y_TKH.dtype).unsqueeze(1), y_TKH).squeeze(1)
+        return out_TH.view(B, T, H), self._stats(logits_TE, flat_N, token_mask)
+
+    def _stats(self, logits_TE: torch.Tensor, flat_N: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
+        E, K = self.num_experts, self.top_k
+        probs_TE = logits_TE.softmax(dim=-1)
+        z_T = torch.logsumexp(logits_TE, dim=-1).square()
+        if token_mask is None:
+            m_T = torch.ones(logits_TE.shape[0], dtype=torch.float32, device=logits_TE.device)
+        else:
+            m_T = token_mask.reshape(-1).to(torch.float32)
+        tokens_E = torch.zeros(E, dtype=torch.float32, device=logits_TE.device)
+        tokens_E.scatter_add_(0, flat_N, m_T.repeat_interleave(K))
+        return RouterStats(
+            tokens_per_expert=tokens_E,
+            prob_sum=(probs_TE * m_T[:, None]).sum(dim=0),
+            num_tokens=m_T.sum(),
+            z_sum=(z_T * m_T).sum(),
+        )
+
+
+def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+    """The Switch/Mixtral auxiliary loss exactly as transformers computes it: assignment fractions and mean
+    router probabilities pooled over all layers' tokens, then E * sum_e f_e * P_e (before the coefficient)."""
+    tokens_E = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
+    probs_E = torch.stack([s.prob_sum for s in stats]).sum(0)
+    rows = torch.stack([s.num_tokens for s in stats]).sum().clamp_min(1.0)
+    return num_experts * torch.sum((tokens_E / rows) * (probs_E / rows))
+
+
+def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over real tokens and layers of logsumexp(router logits)^2."""
+    z = torch.stack([s.z_sum for s in stats]).sum()
+    return z / torch.stack([s.num_tokens for s in stats]).sum().clamp_min(1.0)
