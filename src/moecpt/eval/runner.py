@@ -1,0 +1,173 @@
+"""Run tasks against a completer, keep every prediction on disk as it is made, score, and write the results.
+
+Layout of an output directory:
+- `run.json`: what was evaluated (model identity, tokenizer, protocol, context length); a rerun with a
+  different one is refused, so predictions of two models never mix;
+- `predictions/<task>.jsonl`: one line per item, appended as it is produced; a rerun skips what is there;
+- `results.json`, `results.md`: the scores, rewritten after every task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from moecpt.errors import UserError
+from moecpt.eval import tasks as T
+from moecpt.eval.lm import Request
+
+
+class Completer(Protocol):
+    """What the runner needs from a model: token counting, a context length, batched completion."""
+
+    max_length: int
+    batch_size: int
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def complete(self, requests: Sequence[Request]) -> list[str]: ...
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+class PredictionStore:
+    """Per-item predictions of one task, as JSON Lines; a torn last line (a crash mid-write) is dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, dict]:
+        if not self.path.is_file():
+            return {}
+        records: dict[str, dict] = {}
+        good_bytes = 0
+        with self.path.open("rb") as f:
+            for raw in f:
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("unterminated line")
+                except ValueError:
+                    break  # everything after a torn line is discarded
+                records[str(rec["id"])] = rec
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:
+            with self.path.open("r+b") as f:
+                f.truncate(good_bytes)
+        return records
+
+    def append(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Record what this output directory evaluates; refuse to mix predictions of something else into it."""
+    path = out_dir / "run.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+        if diff:
+            raise UserError(f"{path}: this output directory holds predictions of a different run "
+                            f"({', '.join(diff)} differ); use another --output, or delete it to start over")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def run_task(task: T.Task, items: list[T.Item], lm: Completer, store: PredictionStore, stop: tuple[str, ...],
+             progress: bool = True) -> tuple[list[str], list[str]]:
+    """Complete the items not yet in the store, appending each batch as it finishes; return (preds, golds)."""
+    done = store.load()
+    for item in items:
+        rec = done.get(item.id)
+        if rec is not None and rec.get("prompt_sha1") != prompt_hash(item.prompt):
+            raise UserError(f"{store.path}: item {item.id} was predicted from a different prompt (data or protocol "
+                            f"changed); use another --output, or delete this file to redo the task")
+    todo = [it for it in items if it.id not in done]
+    todo.sort(key=lambda it: len(it.prompt), reverse=True)  # longest first: memory trouble shows at once
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=task.name, unit="item",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for start in range(0, len(todo), lm.batch_size):
+        batch = todo[start:start + lm.batch_size]
+        texts = lm.complete([Request(it.prompt, task.max_new_tokens, stop, task.decode) for it in batch])
+        records = []
+        for it, raw in zip(batch, texts, strict=True):
+            pred = task.clean(raw)
+            rec = {"id": it.id, "prompt_sha1": prompt_hash(it.prompt), "output": raw, "prediction": pred,
+                   "gold": it.gold}
+            if task.item_score is not None:
+                rec["score"] = task.item_score(pred, it.gold)
+            records.append(rec)
+            done[it.id] = rec
+        store.append(records)
+        bar.update(len(batch))
+    bar.close()
+    return [done[it.id]["prediction"] for it in items], [it.gold for it in items]
+
+
+def averages(task_results: dict[str, dict]) -> dict[str, float]:
+    """`average`: plain mean of the Japanese tasks that ran (of the English ones when none did);
+    `average_en`: mean of the English tasks, when any ran."""
+    ja = [r["score"] for n, r in task_results.items() if T.TASKS[n].lang == "ja"]
+    en = [r["score"] for n, r in task_results.items() if T.TASKS[n].lang == "en"]
+    out: dict[str, float] = {}
+    if ja or en:
+        out["average"] = sum(ja or en) / len(ja or en)
+    if en:
+        out["average_en"] = sum(en) / len(en)
+    return out
+
+
+def evaluate(
+    lm: Completer,
+    tasks: list[T.Task],
+    data_dir: Path,
+    out_dir: Path,
+    identity: dict[str, Any],
+    protocol: str = T.DEFAULT_PROTOCOL,
+    limit: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    extra: dict[str, Any] | None = None,
+    write: Callable[[Path, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `tasks`, writing predictions and results under `out_dir`; returns the results dict.
+
+    A task whose data is missing is reported (in the log and under "skipped") and the others still run.
+    """
+    out_dir = Path(out_dir)
+    check_run_identity(out_dir, {**identity, "protocol": protocol, "max_length": lm.max_length})
+    spec = T.load_protocol(Path(data_dir), protocol)
+    results: dict[str, Any] = {"tasks": {}, "skipped": {}, "protocol": protocol, "limit": limit, **(extra or {})}
+    for task in tasks:
+        budget = T.Budget(lm.count_tokens, lm.max_length - task.max_new_tokens - 1)
+        try:
+            items = task.build(Path(data_dir), spec, limit, budget)
+        except T.MissingData as e:
+            log(f"skipping {e}")
+            results["skipped"][task.name] = str(e)
+            continue
+        store = PredictionStore(out_dir / "predictions" / f"{task.name}.jsonl")
+        preds, golds = run_task(task, items, lm, store, T.task_stop(task, spec), progress)
+        results["tasks"][task.name] = {"score": task.score(preds, golds), "n": len(items), "metric": task.metric,
+                                       "source": task.source}
+        results.update(averages(results["tasks"]))
+        if write is not None:
+            write(out_dir, results)
+    results.update(averages(results["tasks"]))
+    return results

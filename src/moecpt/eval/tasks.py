@@ -1,0 +1,480 @@
+"""The benchmark tasks: dataset readers and prompt construction, following the reference tools exactly.
+
+The strings of the protocol (instructions, fixed few-shot examples, templates, separators, stop strings) are
+data: they are read from two JSON files in the evaluation data directory, named by the protocol preset. The
+code here only lays them out the way each reference tool does.
+
+- llm-jp-eval v1.0 tasks (jcom, jemhopqa, niilc, jsquad): a fixed header and instruction, four fixed shots,
+  the item; prediction = NFKC(generated text) cut at the first newline.
+- JP LM Evaluation Harness tasks (xlsum, mgsm, wmt20_en_ja, wmt20_ja_en): description + shots joined by the
+  few-shot separator + the item; shots drawn with one `random.Random(42)` that also shuffled the scored docs.
+- GSM8K (English, lm-evaluation-harness layout): `Question: ...\\nAnswer: ...` shots, strict `#### N` match.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moecpt.errors import UserError
+from moecpt.eval import metrics
+
+# A protocol preset names the files that hold its strings. A later protocol adds an entry here.
+PROTOCOLS: dict[str, dict[str, str]] = {
+    "swallow-2024-03": {
+        "llm_jp_eval": "llm_jp_eval_v1_tasks.json",
+        "jp_harness": "jp_harness_9b42d41_tasks.json",
+    },
+}
+DEFAULT_PROTOCOL = "swallow-2024-03"
+
+JA_TASKS = ("jcom", "jemhopqa", "niilc", "jsquad", "xlsum", "mgsm", "wmt20_en_ja", "wmt20_ja_en")
+EN_TASKS = ("gsm8k",)
+ALL_TASKS = JA_TASKS + EN_TASKS
+
+
+class MissingData(UserError):
+    """A file a task needs is absent; the runner reports it and goes on with the other tasks."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One scored example: its id, the full prompt and the reference the prediction is scored against."""
+
+    id: str
+    prompt: str
+    gold: str
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How prompts are measured: a token counter (no BOS) and the longest prompt allowed for a task."""
+
+    count_tokens: Callable[[str], int] = len
+    max_prompt_tokens: int | None = None
+
+    def fits(self, text: str) -> bool:
+        return self.max_prompt_tokens is None or self.count_tokens(text) <= self.max_prompt_tokens
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark task: how to read it, prompt it, generate for it and score it."""
+
+    name: str
+    title: str  # column header of the Swallow-MX table
+    lang: str  # "ja" or "en"
+    source: str  # the reference tool whose protocol it follows
+    metric: str
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    # "after_prompt": the generated text is decode(prompt + new)[len(decode(prompt)):] (Hugging Face pipeline,
+    # llm-jp-eval); "new_tokens": decode(new tokens) (JP harness, lm-evaluation-harness).
+    decode: str
+    build: Callable[[Path, dict[str, Any], int | None, Budget], list[Item]] = field(repr=False)
+    clean: Callable[[str], str] = field(repr=False)
+    item_score: Callable[[str, str], float] | None = field(repr=False)
+    corpus_score: Callable[[list[str], list[str]], float] | None = field(default=None, repr=False)
+
+    def score(self, preds: list[str], golds: list[str]) -> float:
+        """The task score over these items, 0-1."""
+        if self.corpus_score is not None:
+            return self.corpus_score(preds, golds)
+        return metrics.mean([self.item_score(p, g) for p, g in zip(preds, golds, strict=True)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# file helpers
+
+
+def _need(data_dir: Path, task: str, *candidates: str) -> Path:
+    """The first of `candidates` (paths relative to the data directory) that exists, else MissingData."""
+    for rel in candidates:
+        if (data_dir / rel).is_file():
+            return data_dir / rel
+    expected = " or ".join(str(data_dir / c) for c in candidates)
+    raise MissingData(f"task {task}: data file not found: expected {expected}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: invalid JSON Lines record ({e.msg})") from e
+    return rows
+
+
+def _field(row: dict, key: str, path: Path) -> Any:
+    if key not in row:
+        raise UserError(f"{path}: record without the field {key!r} (have: {', '.join(row)}); is this the "
+                        f"official format of the dataset?")
+    return row[key]
+
+
+def load_protocol(data_dir: Path, name: str = DEFAULT_PROTOCOL) -> dict[str, Any]:
+    """The protocol's string files, read from the data directory: {"llm_jp_eval": {...}, "jp_harness": {...}}.
+
+    A missing file is not an error here: the tasks that need it report it when they are built.
+    """
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    out: dict[str, Any] = {"name": name}
+    for key, filename in PROTOCOLS[name].items():
+        path = data_dir / filename
+        out[key] = _read_json(path) if path.is_file() else None
+        out[key + "_file"] = path
+    return out
+
+
+def _protocol_part(protocol: dict[str, Any], key: str, task: str) -> dict[str, Any]:
+    part = protocol.get(key)
+    if part is None:
+        raise MissingData(f"task {task}: protocol file not found: expected {protocol[key + '_file']}")
+    return part
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llm-jp-eval v1.0
+
+
+def jcom_input(row: dict) -> str:
+    """llm-jp-eval's JCommonsenseQA input: the question, then the five numbered choices."""
+    choices = ",".join(f"{i}.{row[f'choice{i}']}" for i in range(5))
+    return f"質問：{row['question']}\n選択肢：{choices}"
+
+
+def niilc_answer(answers: list[str]) -> str:
+    """NIILC's reference: the non-empty answers joined by ','."""
+    return ",".join(a for a in answers if a)
+
+
+def llm_jp_prompt(header: str, instruction: str, shots: list[dict], text: str) -> str:
+    """llm-jp-eval's prompt: header, `### 指示`, the shots (blank line between), then the item."""
+    shot_text = "\n".join(f"\n### 入力：\n{s['input']}\n### 回答：\n{s['output']}" for s in shots)
+    return f"{header}\n### 指示\n{instruction}\n{shot_text}\n\n### 入力：\n{text}\n### 回答：\n"
+
+
+def read_jcom(path: Path) -> list[tuple[str, str, str]]:
+    """(id, input, gold) of JGLUE JCommonsenseQA (JSON Lines)."""
+    return [(str(r["q_id"]), jcom_input(r), str(r["label"])) for r in _read_jsonl(path)]
+
+
+def read_jemhopqa(path: Path) -> list[tuple[str, str, str]]:
+    rows = _read_json(path)
+    return [(str(_field(r, "qid", path)), f"質問：{r['question']}", str(r["answer"])) for r in rows]
+
+
+def read_niilc(path: Path) -> list[tuple[str, str, str]]:
+    """NIILC questions with their joined answers; items whose answer is '-' are dropped, as llm-jp-eval does."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise UserError(f"{path}: not valid XML ({e})") from e
+    out = []
+    for q in root.iter("question"):
+        answer = niilc_answer([(a.text or "") for a in q.iter("answer")])
+        if answer == "-":
+            continue
+        out.append((q.get("id", ""), f"質問：{q.findtext('text', '')}", answer))
+    return out
+
+
+def read_jsquad(path: Path) -> list[tuple[str, str, str]]:
+    """JSQuAD questions: context as JGLUE gives it (`{title} [SEP] {text}`), reference = first gold answer."""
+    out = []
+    for article in _field(_read_json(path), "data", path):
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                text = f"文章：{para['context']}\n質問：{qa['question']}"
+                out.append((str(qa["id"]), text, qa["answers"][0]["text"]))
+    return out
+
+
+def _llm_jp_builder(task: str, key: str, files: tuple[str, ...], reader: Callable[[Path], list]):
+    def build(data_dir: Path, protocol: dict, limit: int | None, budget: Budget) -> list[Item]:
+        spec = _protocol_part(protocol, "llm_jp_eval", task)
+        header = spec["_prompt"]["header"]
+        t = spec["tasks"][key]
+        rows = reader(_need(data_dir, task, *files))
+        if limit is not None:
+            rows = rows[:limit]
+        shots = t["few_shots"][:4]
+        return [Item(i, llm_jp_prompt(header, t["instruction"], shots, text), gold) for i, text, gold in rows]
+
+    return build
+
+
+def llm_jp_clean(text: str) -> str:
+    """llm-jp-eval's prediction: NFKC-normalised, cut at the first newline."""
+    return metrics.nfkc(text).split("\n")[0]
+
+
+def _nfkc_gold(score: Callable[[str, str], float]) -> Callable[[str, str], float]:
+    return lambda pred, gold: score(pred, metrics.nfkc(gold))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JP LM Evaluation Harness @9b42d41
+
+
+def harness_context(description: str, shots: list[str], text: str, fewshot_sep: str) -> str:
+    """The harness's context: description, the shots (each text + target) joined and followed by the
+    few-shot separator, then the item's text. With no shots: description + item."""
+    if not shots:
+        return description + text
+    return description + fewshot_sep.join(shots) + fewshot_sep + text
+
+
+def draw_shots(rnd: random.Random, doc: Any, k: int, train: list | None, pool: list) -> list:
+    """One item's shots as the harness draws them: k from the training docs, or k+1 from the test docs with
+    the item itself removed (by equality), keeping k."""
+    if k == 0:
+        return []
+    if train is not None:
+        return rnd.sample(train, k)
+    return [x for x in rnd.sample(pool, k + 1) if x != doc][:k]
+
+
+def _shuffled(docs: list) -> tuple[random.Random, list]:
+    rnd = random.Random(42)
+    order = list(docs)
+    rnd.shuffle(order)
+    return rnd, order
+
+
+def _fewshot_sep(spec: dict) -> str:
+    return spec["SEP"] * 2 if "SEP" in spec else "\n\n"
+
+
+def truncate_xlsum(ctx: str, budget: Budget, sep: str, ctx_prompt: str = "ニュース記事:",
+                   summary_prompt: str = "要約:") -> str:
+    """The harness's XL-Sum context fitting: when too long, each article (shot and item alike) keeps as many
+    whole sentences (split at 。) as fit an equal share of the budget, and its cut text ends with '。' + SEP."""
+    if budget.fits(ctx):
+        return ctx
+    pieces = [f"{ctx_prompt}{c}" for c in ctx.split(ctx_prompt)]
+    description = ""
+    if summary_prompt not in pieces[0]:
+        description = pieces[0].replace(ctx_prompt, "")
+        pieces = pieces[1:]
+    per_piece = budget.max_prompt_tokens // len(pieces)
+    out = description
+    for piece in pieces:
+        text, summary = piece.split(summary_prompt, 1)
+        kept: list[str] = []
+        for sentence in text.split("。"):
+            if budget.count_tokens("。".join(kept + [sentence])) > per_piece:
+                if kept:
+                    kept[-1] += "。" + sep
+                else:  # a first sentence longer than the share: keep its head, by characters
+                    head = sentence
+                    while head and budget.count_tokens(head) > per_piece:
+                        head = head[: len(head) * 3 // 4]
+                    kept.append(head + sep)
+                break
+            kept.append(sentence)
+        out += "。".join(kept) + summary_prompt + summary
+    return out
+
+
+def _build_xlsum(data_dir: Path, protocol: dict, limit: int | None, budget: Budget) -> list[Item]:
+    spec = _protocol_part(protocol, "jp_harness", "xlsum")["tasks"]["xlsum_ja"]
+    test_path = _need(data_dir, "xlsum", "xlsum_ja/test.jsonl")
+    pool_path = _need(data_dir, "xlsum", "xlsum_ja/train.jsonl", "xlsum_ja/validation.jsonl")
+    docs = _read_jsonl(test_path)
+    for r in docs:
+        _field(r, "text", test_path), _field(r, "summary", test_path)
+    train = _read_jsonl(pool_path)
+    index = {id(d): i for i, d in enumerate(docs)}
+    rnd, order = _shuffled(docs)
+    order = order[:limit] if limit is not None else order
+    sep = _fewshot_sep(spec)
+    items = []
+    for doc in order:
+        shots = [spec["doc_to_text"].format(text=s["text"]) + spec["doc_to_target"].format(summary=s["summary"])
+                 for s in draw_shots(rnd, doc, spec["shots"], train, docs)]
+        ctx = harness_context(spec["description"], shots, spec["doc_to_text"].format(text=doc["text"]), sep)
+        ctx = truncate_xlsum(ctx, budget, spec["SEP"])
+        items.append(Item(str(doc.get("id", index[id(doc)])), ctx, doc["summary"]))
+    return items
+
+
+def mgsm_text(question: str) -> str:
+    return f"問題：{question.replace('問題：', '')}\nステップごとの答え："
+
+
+def mgsm_target(answer: str) -> str:
+    return answer.replace("ステップごとの答え：", "")
+
+
+def _build_mgsm(data_dir: Path, protocol: dict, limit: int | None, budget: Budget) -> list[Item]:
+    spec = _protocol_part(protocol, "jp_harness", "mgsm")["tasks"]["mgsm_ja"]
+    tsv = _need(data_dir, "mgsm", "mgsm/mgsm_ja.tsv")
+    exemplar_file = _need(data_dir, "mgsm", "mgsm/exemplars.json")
+    with tsv.open(encoding="utf-8", newline="") as f:
+        docs = [{"question": q, "answer": a} for q, a in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    exemplars = _read_json(exemplar_file)["MGSM_EXEMPLARS"]["ja"]
+    train = [{"question": e["q"], "answer": e["a"]} for _, e in sorted(exemplars.items(), key=lambda kv: int(kv[0]))]
+    index = {id(d): i for i, d in enumerate(docs)}
+    rnd, order = _shuffled(docs)
+    order = order[:limit] if limit is not None else order
+    sep = _fewshot_sep(spec)
+    items = []
+    for doc in order:
+        # too long with k shots: draw again with k-1 (each attempt draws from the shared Random, as upstream)
+        for k in range(spec["shots"], -1, -1):
+            shots = [mgsm_text(s["question"]) + mgsm_target(s["answer"])
+                     for s in draw_shots(rnd, doc, k, train, docs)]
+            ctx = harness_context(spec["description"], shots, mgsm_text(doc["question"]), sep)
+            if budget.fits(ctx):
+                break
+        items.append(Item(str(index[id(doc)]), ctx, doc["answer"].strip()))
+    return items
+
+
+_WMT_FILES = {
+    # (source, reference) candidates: the VAT subset shipped offline, or `sacrebleu -t wmt20 -l en-ja --echo src`
+    # / `--echo ref` saved under wmt20/.
+    "wmt20_en_ja": [("wmt20_vat/vat_newstest2020-enja-src.en.txt", "wmt20_vat/vat_newstest2020-enja-ref.ja.txt"),
+                    ("wmt20/en-ja.en", "wmt20/en-ja.ja")],
+    "wmt20_ja_en": [("wmt20_vat/vat_newstest2020-jaen-src.ja.txt", "wmt20_vat/vat_newstest2020-jaen-ref.en.txt"),
+                    ("wmt20/ja-en.ja", "wmt20/ja-en.en")],
+}
+
+
+def read_parallel(data_dir: Path, task: str) -> list[dict]:
+    """Source/reference segments of a WMT20 direction, one segment a line."""
+    for src_rel, ref_rel in _WMT_FILES[task]:
+        src, ref = data_dir / src_rel, data_dir / ref_rel
+        if src.is_file() and ref.is_file():
+            s = src.read_text(encoding="utf-8").splitlines()
+            r = ref.read_text(encoding="utf-8").splitlines()
+            if len(s) != len(r):
+                raise UserError(f"{src} has {len(s)} lines but {ref} has {len(r)}; they must align line by line")
+            return [{"src": a, "ref": b} for a, b in zip(s, r, strict=True)]
+    expected = " or ".join(f"{data_dir / a} + {data_dir / b}" for a, b in _WMT_FILES[task])
+    raise MissingData(f"task {task}: data files not found: expected {expected}")
+
+
+def _wmt_builder(task: str):
+    def build(data_dir: Path, protocol: dict, limit: int | None, budget: Budget) -> list[Item]:
+        spec = _protocol_part(protocol, "jp_harness", task)["tasks"][task]
+        docs = read_parallel(data_dir, task)
+        index = {id(d): i for i, d in enumerate(docs)}
+        rnd, order = _shuffled(docs)
+        order = order[:limit] if limit is not None else order
+        sep = _fewshot_sep(spec)
+        items = []
+        for doc in order:
+            shots = [spec["doc_to_text"].format(src=s["src"]) + spec["doc_to_target"].format(ref=s["ref"])
+                     for s in draw_shots(rnd, doc, spec["shots"], None, docs)]
+            ctx = harness_context(spec["description"], shots, spec["doc_to_text"].format(src=doc["src"]), sep)
+            items.append(Item(str(index[id(doc)]), ctx, doc["ref"]))
+        return items
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GSM8K (English)
+
+GSM8K_SHOTS = 8
+
+
+def gsm8k_text(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def _build_gsm8k(data_dir: Path, protocol: dict, limit: int | None, budget: Budget) -> list[Item]:
+    test_path = _need(data_dir, "gsm8k", "gsm8k/test.jsonl")
+    docs = _read_jsonl(test_path)
+    for r in docs:
+        _field(r, "question", test_path), _field(r, "answer", test_path)
+    train_path = data_dir / "gsm8k" / "train.jsonl"
+    train = _read_jsonl(train_path) if train_path.is_file() else None
+    index = {id(d): i for i, d in enumerate(docs)}
+    rnd, order = _shuffled(docs)
+    order = order[:limit] if limit is not None else order
+    items = []
+    for doc in order:
+        shots = [gsm8k_text(s["question"]) + " " + s["answer"] for s in draw_shots(rnd, doc, GSM8K_SHOTS, train, docs)]
+        ctx = harness_context("", shots, gsm8k_text(doc["question"]), "\n\n")
+        items.append(Item(str(index[id(doc)]), ctx, doc["answer"]))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the registry
+
+
+def _stop(protocol: dict, task: str, key: str) -> tuple[str, ...]:
+    return tuple(s for s in protocol["jp_harness"]["tasks"][key]["stop"] if s != "<eos>")
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+TASKS: dict[str, Task] = {
+    "jcom": Task("jcom", "JCom.", "ja", "llm-jp-eval v1.0", "exact_match", 1, ("\n",), "after_prompt",
+                 _llm_jp_builder("jcom", "jcommonsenseqa", ("jcommonsenseqa/valid-v1.1.json",), read_jcom),
+                 llm_jp_clean, _nfkc_gold(metrics.exact_match)),
+    "jemhopqa": Task("jemhopqa", "JEMHopQA", "ja", "llm-jp-eval v1.0", "char_f1", 15, ("\n",), "after_prompt",
+                     _llm_jp_builder("jemhopqa", "jemhopqa", ("jemhopqa/corpus/dev.json",), read_jemhopqa),
+                     llm_jp_clean, _nfkc_gold(metrics.char_f1)),
+    "niilc": Task("niilc", "NIILC", "ja", "llm-jp-eval v1.0", "char_f1", 180, ("\n",), "after_prompt",
+                  _llm_jp_builder("niilc", "niilc", ("niilc/NIILC-ECQA2015_test.xml",), read_niilc),
+                  llm_jp_clean, _nfkc_gold(metrics.char_f1)),
+    "jsquad": Task("jsquad", "JSQuAD", "ja", "llm-jp-eval v1.0", "char_f1", 25, ("\n",), "after_prompt",
+                   _llm_jp_builder("jsquad", "jsquad", ("jsquad/valid-v1.1.json",), read_jsquad),
+                   llm_jp_clean, _nfkc_gold(metrics.char_f1)),
+    "xlsum": Task("xlsum", "XL-Sum", "ja", "JP LM Evaluation Harness 9b42d41", "rouge2", 256, ("\n",),
+                  "new_tokens", _build_xlsum, _identity, None, metrics.rouge2_ja),
+    "mgsm": Task("mgsm", "MGSM", "ja", "JP LM Evaluation Harness 9b42d41", "accuracy", 256, ("\n",),
+                 "new_tokens", _build_mgsm, _identity, lambda p, g: metrics.mgsm_correct(p, float(g))),
+    "wmt20_en_ja": Task("wmt20_en_ja", "WMT20 (en-ja)", "ja", "JP LM Evaluation Harness 9b42d41", "bleu", 256,
+                        ("\n",), "new_tokens", _wmt_builder("wmt20_en_ja"), _identity, None, metrics.bleu_ja),
+    "wmt20_ja_en": Task("wmt20_ja_en", "WMT20 (ja-en)", "ja", "JP LM Evaluation Harness 9b42d41", "bleu", 256,
+                        ("\n",), "new_tokens", _wmt_builder("wmt20_ja_en"), _identity, None, metrics.bleu_en),
+    "gsm8k": Task("gsm8k", "GSM8K", "en", "lm-evaluation-harness (8-shot)", "strict_match", 256,
+                  ("Question:",), "new_tokens", _build_gsm8k, _identity, metrics.gsm8k_strict_match),
+}
+
+
+def task_stop(task: Task, protocol: dict) -> tuple[str, ...]:
+    """Stop strings of a task: the harness tasks take theirs from the protocol file."""
+    keys = {"xlsum": "xlsum_ja", "mgsm": "mgsm_ja", "wmt20_en_ja": "wmt20_en_ja", "wmt20_ja_en": "wmt20_ja_en"}
+    if task.name in keys and protocol.get("jp_harness") is not None:
+        return _stop(protocol, task.name, keys[task.name])
+    return task.stop
+
+
+def select_tasks(suite: str, names: str | None) -> list[Task]:
+    """The tasks of a suite (`ja`, `en`, `all`), or of an explicit comma-separated list."""
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in TASKS]
+        if unknown:
+            raise UserError(f"unknown task(s) {', '.join(unknown)} in --tasks; choose from {', '.join(ALL_TASKS)}")
+        return [TASKS[n] for n in wanted]
+    suites = {"ja": JA_TASKS, "en": EN_TASKS, "all": ALL_TASKS}
+    if suite not in suites:
+        raise UserError(f"unknown suite {suite!r}; choose ja, en or all")
+    return [TASKS[n] for n in suites[suite]]
