@@ -1,0 +1,199 @@
+"""Prompt construction: the exact prompt of one item of each task, rebuilt here from the raw files and the
+protocol JSON by the layout the reference tools document, independently of the package's helpers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+
+from moecpt.eval import tasks as T
+
+HEADER_KEY = "_prompt"
+
+
+@pytest.fixture(scope="module")
+def proto(eval_data):
+    return T.load_protocol(eval_data)
+
+
+def _first(task: str, eval_data, proto, limit=1, budget=None):
+    return T.TASKS[task].build(eval_data, proto, limit, budget or T.Budget())
+
+
+def _llm_jp_expected(proto, key: str, text: str) -> str:
+    spec = proto["llm_jp_eval"]
+    t = spec["tasks"][key]
+    out = spec[HEADER_KEY]["header"] + "\n### 指示\n" + t["instruction"] + "\n"
+    for n, shot in enumerate(t["few_shots"]):
+        out += ("\n" if n else "") + "\n### 入力：\n" + shot["input"] + "\n### 回答：\n" + shot["output"]
+    return out + "\n\n### 入力：\n" + text + "\n### 回答：\n"
+
+
+def test_jcom_prompt(eval_data, proto):
+    row = json.loads((eval_data / "jcommonsenseqa/valid-v1.1.json").open(encoding="utf-8").readline())
+    text = (f"質問：{row['question']}\n選択肢：0.{row['choice0']},1.{row['choice1']},2.{row['choice2']},"
+            f"3.{row['choice3']},4.{row['choice4']}")
+    (item,) = _first("jcom", eval_data, proto)
+    assert item.prompt == _llm_jp_expected(proto, "jcommonsenseqa", text)
+    assert item.gold == str(row["label"])
+    assert item.prompt.startswith("以下はタスクを説明する指示と、追加の背景情報を提供する入力の組み合わせです。")
+    assert item.prompt.count("### 入力：") == 5 and item.prompt.endswith("\n### 回答：\n")
+
+
+def test_jcom_fixed_shots_are_train_items_0_to_3(eval_data, proto):
+    """The input layout reproduces the protocol's four shots from the JGLUE train items q_id 0-3."""
+    rows = {}
+    with (eval_data / "jcommonsenseqa/train-v1.1.json").open(encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["q_id"] < 4:
+                rows[r["q_id"]] = r
+    shots = proto["llm_jp_eval"]["tasks"]["jcommonsenseqa"]["few_shots"]
+    assert [{"input": T.jcom_input(rows[i]), "output": str(rows[i]["label"])} for i in range(4)] == shots
+
+
+def test_jemhopqa_prompt_and_shots_from_train_pool(eval_data, proto):
+    dev = json.loads((eval_data / "jemhopqa/corpus/dev.json").read_text("utf-8"))
+    (item,) = _first("jemhopqa", eval_data, proto)
+    assert item.prompt == _llm_jp_expected(proto, "jemhopqa", "質問：" + dev[0]["question"])
+    assert item.gold == dev[0]["answer"]
+    train = {f"質問：{r['question']}": r["answer"]
+             for r in json.loads((eval_data / "jemhopqa/corpus/train.json").read_text("utf-8"))}
+    for shot in proto["llm_jp_eval"]["tasks"]["jemhopqa"]["few_shots"]:
+        assert train[shot["input"]] == shot["output"]
+
+
+def test_niilc_prompt_drops_dash_answers_and_joins(eval_data, proto):
+    items = T.read_niilc(eval_data / "niilc/NIILC-ECQA2015_test.xml")
+    assert len(items) == 198  # 200 questions, two answered '-'
+    assert all(gold != "-" for _, _, gold in items)
+    (item,) = _first("niilc", eval_data, proto)
+    qid, text, gold = items[0]
+    assert item.prompt == _llm_jp_expected(proto, "niilc", text) and item.gold == gold
+    assert text == "質問：初めてノート型パソコンを作ったメーカーは？"
+    dev = {t: g for _, t, g in T.read_niilc(eval_data / "niilc/NIILC-ECQA2015_dev.xml")}
+    for shot in proto["llm_jp_eval"]["tasks"]["niilc"]["few_shots"]:
+        if shot["input"] in dev:  # the pool item reproduces the shot, answers joined by ','
+            assert dev[shot["input"]] == shot["output"]
+    assert any(s["input"] in dev for s in proto["llm_jp_eval"]["tasks"]["niilc"]["few_shots"])
+
+
+def test_jsquad_prompt_uses_context_as_given_and_first_answer(eval_data, proto):
+    data = json.loads((eval_data / "jsquad/valid-v1.1.json").read_text("utf-8"))["data"]
+    para = data[0]["paragraphs"][0]
+    qa = para["qas"][0]
+    (item,) = _first("jsquad", eval_data, proto)
+    assert para["context"].startswith(data[0]["title"] + " [SEP] ")
+    assert item.prompt == _llm_jp_expected(proto, "jsquad", f"文章：{para['context']}\n質問：{qa['question']}")
+    assert item.gold == qa["answers"][0]["text"]
+
+
+def _harness_order(n: int) -> tuple[random.Random, list[int]]:
+    rnd = random.Random(42)
+    order = list(range(n))
+    rnd.shuffle(order)
+    return rnd, order
+
+
+def test_wmt20_en_ja_prompt_and_shot_sampling(eval_data, proto):
+    src = (eval_data / "wmt20_vat/vat_newstest2020-enja-src.en.txt").read_text("utf-8").splitlines()
+    ref = (eval_data / "wmt20_vat/vat_newstest2020-enja-ref.ja.txt").read_text("utf-8").splitlines()
+    docs = [{"src": s, "ref": r} for s, r in zip(src, ref, strict=True)]
+    rnd, order = _harness_order(len(docs))
+    first = docs[order[0]]
+    shots = [d for d in rnd.sample(docs, 5) if d != first][:4]
+    expected = "\n\n".join(f"English phrase: {d['src']}\nJapanese phrase: {d['ref']}" for d in shots)
+    expected += f"\n\nEnglish phrase: {first['src']}\nJapanese phrase:"
+    items = _first("wmt20_en_ja", eval_data, proto, limit=3)
+    assert items[0].prompt == expected and items[0].gold == first["ref"] and items[0].id == str(order[0])
+    # later items continue the same Random: their shots differ from the first item's
+    assert items[1].prompt.split("\n\n")[:4] != items[0].prompt.split("\n\n")[:4]
+
+
+def test_wmt20_ja_en_prompt(eval_data, proto):
+    src = (eval_data / "wmt20_vat/vat_newstest2020-jaen-src.ja.txt").read_text("utf-8").splitlines()
+    ref = (eval_data / "wmt20_vat/vat_newstest2020-jaen-ref.en.txt").read_text("utf-8").splitlines()
+    _, order = _harness_order(len(src))
+    (item,) = _first("wmt20_ja_en", eval_data, proto)
+    assert item.prompt.endswith(f"\n\nJapanese phrase: {src[order[0]]}\nEnglish phrase:")
+    assert item.prompt.count("\nEnglish phrase: ") == 4 and item.gold == ref[order[0]]
+
+
+def test_xlsum_prompt(eval_data, proto):
+    docs = [json.loads(line) for line in (eval_data / "xlsum_ja/test.jsonl").open(encoding="utf-8")]
+    pool = [json.loads(line) for line in (eval_data / "xlsum_ja/validation.jsonl").open(encoding="utf-8")]
+    rnd, order = _harness_order(len(docs))
+    doc = docs[order[0]]
+    (shot,) = rnd.sample(pool, 1)
+    expected = ("与えられたニュース記事を要約してください。\n\n" + f"ニュース記事:{shot['text']}\n要約:{shot['summary']}"
+                + f"\n\nニュース記事:{doc['text']}\n要約:")
+    (item,) = _first("xlsum", eval_data, proto)
+    assert item.prompt == expected and item.gold == doc["summary"]
+
+
+def test_xlsum_long_context_is_cut_at_sentence_ends(eval_data, proto):
+    budget = T.Budget(count_tokens=len, max_prompt_tokens=400)
+    (item,) = _first("xlsum", eval_data, proto, budget=budget)
+    assert item.prompt.startswith("与えられたニュース記事を要約してください。\n\nニュース記事:")
+    assert item.prompt.endswith("。\n要約:")  # the item's article, cut after a whole sentence
+    assert item.prompt.count("ニュース記事:") == 2
+    article = item.prompt.split("ニュース記事:")[2][: -len("\n要約:")]
+    assert len(article) <= 400 // 2 + 2
+
+
+def test_mgsm_prompt(eval_data, proto):
+    with (eval_data / "mgsm/mgsm_ja.tsv").open(encoding="utf-8", newline="") as f:
+        docs = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    ex = json.loads((eval_data / "mgsm/exemplars.json").read_text("utf-8"))["MGSM_EXEMPLARS"]["ja"]
+    train = [ex[str(i)] for i in range(1, 9)]
+    rnd, order = _harness_order(len(docs))
+    question, answer = docs[order[0]]
+    shots = rnd.sample(train, 4)
+    expected = "\n\n".join(s["q"] + "\nステップごとの答え：" + s["a"][len("ステップごとの答え："):] for s in shots)
+    expected += f"\n\n問題：{question}\nステップごとの答え："
+    (item,) = _first("mgsm", eval_data, proto)
+    assert all(s["q"].startswith("問題：") for s in shots)
+    assert item.prompt == expected and item.gold == answer
+
+
+def test_mgsm_drops_shots_until_the_prompt_fits(eval_data, proto):
+    full = _first("mgsm", eval_data, proto)[0].prompt
+    budget = T.Budget(count_tokens=len, max_prompt_tokens=len(full) // 2)
+    (item,) = _first("mgsm", eval_data, proto, budget=budget)
+    assert len(item.prompt) <= len(full) // 2
+    assert 0 <= item.prompt.count("問題：") - 1 < 4
+
+
+def test_gsm8k_prompt(eval_data, proto):
+    docs = [json.loads(line) for line in (eval_data / "gsm8k/test.jsonl").open(encoding="utf-8")]
+    rnd, order = _harness_order(len(docs))
+    doc = docs[order[0]]
+    shots = [d for d in rnd.sample(docs, 9) if d != doc][:8]
+    expected = "\n\n".join(f"Question: {d['question']}\nAnswer: {d['answer']}" for d in shots)
+    expected += f"\n\nQuestion: {doc['question']}\nAnswer:"
+    (item,) = _first("gsm8k", eval_data, proto)
+    assert item.prompt == expected and item.gold == doc["answer"]
+
+
+def test_limit_takes_the_first_items(eval_data, proto):
+    assert [i.id for i in _first("jcom", eval_data, proto, limit=3)] == ["8939", "8940", "8941"]
+    assert len(T.TASKS["jsquad"].build(eval_data, proto, None, T.Budget())) == 4442
+
+
+def test_missing_file_names_the_task_and_the_file(tmp_path, eval_data):
+    proto = T.load_protocol(eval_data)
+    with pytest.raises(T.MissingData, match=r"task jsquad: .*jsquad/valid-v1.1.json"):
+        T.TASKS["jsquad"].build(tmp_path, proto, 1, T.Budget())
+    with pytest.raises(T.MissingData, match=r"task mgsm: protocol file not found: .*jp_harness_9b42d41_tasks.json"):
+        T.TASKS["mgsm"].build(tmp_path, T.load_protocol(tmp_path), 1, T.Budget())
+
+
+def test_select_tasks():
+    assert [t.name for t in T.select_tasks("ja", None)] == list(T.JA_TASKS)
+    assert [t.name for t in T.select_tasks("all", None)] == list(T.JA_TASKS) + ["gsm8k"]
+    assert [t.name for t in T.select_tasks("ja", "mgsm,jcom")] == ["mgsm", "jcom"]
+    with pytest.raises(T.UserError, match="unknown task"):
+        T.select_tasks("ja", "jcom,nope")
