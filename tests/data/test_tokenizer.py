@@ -86,3 +86,19 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable SentencePiece model"):
         load_tokenizer(tmp_path / "bad.model")
+
+
+def test_data_package_does_not_import_torch():
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("mistral_common") is None:
+        pytest.skip("the default tokenizer needs mistral-common")
+
+    code = (
+        "import sys, moecpt.data.cli; from moecpt.data import MixtureLoader, load_tokenizer, tokenize_corpus; "
+        "load_tokenizer(); print(sorted(m for m in ('torch', 'transformers', 'mistral_common') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
