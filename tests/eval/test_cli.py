@@ -1,0 +1,82 @@
+"""`moecpt eval` end to end on a tiny random Mixtral with --limit: valid (near-zero) scores, the files the
+interface promises, a rerun that continues instead of redoing, a comparison column, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moecpt.cli import main
+
+pytest.importorskip("torch")
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    rc = main(["eval", *map(str, args), "--no-progress"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_eval_end_to_end_then_resume_and_compare(tmp_path, eval_data, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    heldout = eval_data.parent / "corpus/ja/wikipedia_dev.jsonl"
+    args = ["--model", tiny_model_dir, "--tasks", "jcom,jemhopqa,mgsm,wmt20_ja_en", "--data-dir", eval_data,
+            "--output", out, "--limit", 2, "--heldout", f"ja_wiki={heldout}", "--name", "tiny"]
+    rc, stdout, _ = _run(capsys, *args)
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text("utf-8"))
+    assert set(results["tasks"]) == {"jcom", "jemhopqa", "mgsm", "wmt20_ja_en"}
+    for entry in results["tasks"].values():
+        assert entry["n"] == 2 and 0.0 <= entry["score"] <= 1.0
+    assert results["average"] == pytest.approx(sum(e["score"] for e in results["tasks"].values()) / 4)
+    bpb = results["heldout"]["ja_wiki"]["bits_per_byte"]
+    assert 1.0 < bpb < 20.0  # a random model over 32,000 tokens: far from zero, finite
+    table = (out / "results.md").read_text("utf-8")
+    assert "| Model | JCom. | JEMHopQA | MGSM | WMT20 (ja-en) | Ja avg |" in table and "| tiny |" in table
+    assert "| Model | JCom." in stdout
+    preds = {t: (out / f"predictions/{t}.jsonl").read_text("utf-8") for t in results["tasks"]}
+    assert all(len(p.splitlines()) == 2 for p in preds.values())
+
+    # the same command again: every prediction is reused, the scores are identical
+    rc, _, _ = _run(capsys, *args)
+    assert rc == 0
+    assert {t: (out / f"predictions/{t}.jsonl").read_text("utf-8") for t in preds} == preds
+    again = json.loads((out / "results.json").read_text("utf-8"))
+    assert again["tasks"] == results["tasks"]
+
+    # a larger --limit continues from the items already there
+    rc, _, _ = _run(capsys, *args[:-6], "--limit", 3, "--heldout", "none", "--name", "tiny")
+    assert len((out / "predictions/jcom.jsonl").read_text("utf-8").splitlines()) == 3
+    assert (out / "predictions/jcom.jsonl").read_text("utf-8").startswith(preds["jcom"])
+
+    # a second model, compared with the first
+    rc, stdout, _ = _run(capsys, "--model", tiny_model_dir, "--tasks", "jcom", "--data-dir", eval_data,
+                         "--output", tmp_path / "other", "--limit", 2, "--heldout", "none", "--name", "other",
+                         "--compare", out / "results.json")
+    assert rc == 0
+    assert "| tiny |" in stdout and "| other |" in stdout and "## other vs tiny" in stdout
+
+
+def test_missing_task_data_exits_1_and_runs_the_rest(tmp_path, eval_data, tiny_model_dir, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("llm_jp_eval_v1_tasks.json", "jp_harness_9b42d41_tasks.json", "jcommonsenseqa"):
+        (data / name).symlink_to(eval_data / name)
+    rc, stdout, err = _run(capsys, "--model", tiny_model_dir, "--tasks", "jcom,niilc", "--data-dir", data,
+                           "--output", tmp_path / "out", "--limit", 1, "--heldout", "none")
+    assert rc == 1
+    assert "task niilc: data file not found" in err and "NIILC-ECQA2015_test.xml" in err
+    results = json.loads((tmp_path / "out/results.json").read_text("utf-8"))
+    assert list(results["tasks"]) == ["jcom"] and "niilc" in results["skipped"]
+
+
+def test_user_errors(tmp_path, eval_data, capsys):
+    rc, _, err = _run(capsys, "--model", tmp_path / "nope", "--suite", "ja", "--data-dir", eval_data,
+                      "--output", tmp_path / "o")
+    assert rc == 2 and "not a directory" in err
+    rc, _, err = _run(capsys, "--model", tmp_path, "--tasks", "jcom,bogus", "--data-dir", eval_data,
+                      "--output", tmp_path / "o")
+    assert rc == 2 and "unknown task(s) bogus" in err
+    rc, _, err = _run(capsys, "--model", tmp_path, "--data-dir", eval_data, "--output", tmp_path / "o")
+    assert rc == 2 and "no config.json" in err
