@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moecpt.cli import main
 from moecpt.data.mixture import DataExhaustedError, MixtureDataset, MixtureEntry, block_pattern, parse_mixture
+from moecpt.data.preprocess import tokenize_corpus
 from moecpt.errors import UserError
 
 from .conftest import SWALLOW_MX
@@ -184,3 +186,40 @@ def test_cli_mix_report(swallow_mixture, capsys):
     assert "code              10.00%    10.00%      100" in out
     assert main(["data", "mix-report", "--mixture", swallow_mixture, "--samples", "1000", "--no-repeat"]) == 2
     assert "is exhausted" in capsys.readouterr().err
+
+
+def test_jsonl_sources_are_tokenized_into_the_cache_on_first_use(data_dir, tmp_path):
+    from moecpt.data.mixture import resolve_mixture, shared_corpus_mixture
+
+    spec = shared_corpus_mixture(data_dir)
+    assert [(e.name, e.weight) for e in spec] == list(SWALLOW_MX.items())
+    with pytest.raises(UserError, match=r"mixture entry 'ja': .*corpus/ja is not a shard .*--cache-dir"):
+        resolve_mixture(spec, cache_dir=None)
+    small = [
+        ("ja", 0.6, [str(data_dir / "corpus/ja/aozora_neko.jsonl")]),
+        ("en", 0.4, [str(data_dir / "corpus/en/ud_ewt.jsonl")]),
+    ]
+    entries = resolve_mixture(small, tmp_path / "cache")
+    assert all(
+        Path(f"{p}.idx").is_file() and Path(p).parent == tmp_path / "cache"
+        for e in entries
+        for p in e.prefixes
+    )
+    assert resolve_mixture(small, tmp_path / "cache") == entries  # second use: the cached shards
+    ds = MixtureDataset(entries, seq_len=128)
+    assert ds.report(100)[0]["samples"] == 60
+
+
+def test_shards_of_different_tokenizers_do_not_mix(shards, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({"[UNK]": 0, "</s>": 1, "a": 2}, unk_token="[UNK]")
+    )
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.jsonl").write_text('{"text": "' + "a " * 3000 + '"}\n')
+    tokenize_corpus(
+        [tmp_path / "a.jsonl"], tmp_path / "other", tokenizer=tmp_path / "tokenizer.json", progress=False
+    )
+    with pytest.raises(UserError, match="tokenized with different tokenizers"):
+        MixtureDataset(f"0.5 ja={shards['ja']} 0.5 x={tmp_path / 'other'}", seq_len=128)

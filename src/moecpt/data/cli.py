@@ -59,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-repeat", action="store_true", help="fail instead of starting a second epoch of a corpus"
     )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="let mixture sources be JSON Lines files, globs or directories: tokenize them into DIR on first use",
+    )
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer for --cache-dir (default: Mixtral-8x7B)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_mix_report)
 
@@ -95,11 +101,12 @@ def _tokenize(args: argparse.Namespace) -> int:
 def _mix_report(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from moecpt.data.mixture import MixtureDataset
+    from moecpt.data.mixture import MixtureDataset, resolve_mixture
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    mixture = resolve_mixture(args.mixture, args.cache_dir, tokenizer=args.tokenizer)
     ds = MixtureDataset(
-        args.mixture,
+        mixture,
         args.seq_len,
         seed=args.seed,
         allow_repeat=not args.no_repeat,

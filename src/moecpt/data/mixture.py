@@ -117,6 +117,65 @@ def _prefixes(p: str | os.PathLike | Sequence[str]) -> tuple[str, ...]:
     return (os.fspath(p),) if isinstance(p, str | os.PathLike) else tuple(os.fspath(x) for x in p)
 
 
+# Swallow-MX's mixture (Japanese : English : math+code = 64.4 : 25.6 : 10) over the shared corpora.
+SWALLOW_MX_WEIGHTS = {"ja": 0.644, "en": 0.256, "code": 0.1}
+_SHARED_GROUPS = {"ja": ("corpus/ja",), "en": ("corpus/en",), "code": ("corpus/code", "corpus/math")}
+
+
+def shared_corpus_mixture(data_root: str | os.PathLike) -> list[MixtureEntry]:
+    """The Swallow-MX mixture over the JSON Lines corpora in `data_root` (e.g. ../shared/data); pass it through
+    `resolve_mixture` to get shards."""
+    root = Path(data_root)
+    return [
+        MixtureEntry(n, w, tuple(str(root / p) for p in _SHARED_GROUPS[n]))
+        for n, w in SWALLOW_MX_WEIGHTS.items()
+    ]
+
+
+def resolve_mixture(
+    spec: MixtureSpec,
+    cache_dir: str | os.PathLike | None,
+    tokenizer: str | os.PathLike | None = None,
+    workers: int = 1,
+) -> list[MixtureEntry]:
+    """Replace every source in the mixture that is not a shard prefix (a JSON Lines file, glob or directory) by
+    its shard in `cache_dir`, tokenizing it on first use (see `cached_shard`)."""
+    from moecpt.data.indexed import shard_exists
+    from moecpt.data.preprocess import cached_shard
+
+    entries = []
+    for e in parse_mixture(spec):
+        prefixes = []
+        for p in e.prefixes:
+            if shard_exists(p):
+                prefixes.append(p)
+            elif cache_dir is None:
+                raise UserError(
+                    f"mixture entry {e.name!r}: {p} is not a shard ({p}.bin/.idx not found); tokenize it with "
+                    "`moecpt data tokenize`, or give a cache directory (--cache-dir) to tokenize it on first use"
+                )
+            else:
+                prefixes.append(str(cached_shard([p], cache_dir, tokenizer=tokenizer, workers=workers)))
+        entries.append(MixtureEntry(e.name, e.weight, tuple(prefixes)))
+    return entries
+
+
+def _one_tokenizer(corpora: list[Corpus]) -> str | None:
+    """The sha256 of the tokenizer all shards were made with (None if no shard records one); mixing shards
+    of different tokenizers is refused, since their ids mean different things."""
+    seen: dict[str, str] = {}
+    for c in corpora:
+        for shard, h in zip(c.entry.prefixes, c.tokenizer_hashes(), strict=True):
+            if h is not None:
+                seen.setdefault(h, shard)
+    if len(seen) > 1:
+        listing = "; ".join(f"{shard} ({h[:12]})" for h, shard in seen.items())
+        raise UserError(
+            f"the mixture's shards were tokenized with different tokenizers: {listing}. Re-tokenize them"
+        )
+    return next(iter(seen), None)
+
+
 def block_pattern(weights: Sequence[float], block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quotas per corpus in a block of `block_size` samples, the corpus of each slot, and each slot's rank
     among its corpus's slots. Quotas round `weights * block_size` by largest remainder; slots are spread
@@ -222,6 +281,7 @@ class MixtureDataset:
         self.seq_len, self.seed, self.allow_repeat, self.block_size = seq_len, seed, allow_repeat, block_size
         self.valid_fraction, self.valid_max_documents = valid_fraction, valid_max_documents
         self.corpora = [Corpus(e, valid_fraction, valid_max_documents) for e in self.entries]
+        self.tokenizer_fingerprint = _one_tokenizer(self.corpora)
         self.samples_per_epoch = np.array([max(0, (c.train_tokens - 1) // seq_len) for c in self.corpora])
         for c, s in zip(self.corpora, self.samples_per_epoch, strict=True):
             if s == 0:
