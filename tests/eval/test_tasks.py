@@ -197,3 +197,9 @@ def test_select_tasks():
     assert [t.name for t in T.select_tasks("ja", "mgsm,jcom")] == ["mgsm", "jcom"]
     with pytest.raises(T.UserError, match="unknown task"):
         T.select_tasks("ja", "jcom,nope")
+
+
+def test_no_bos_in_the_2024_03_protocol():
+    """The JP harness (hf-causal-experimental), lm-evaluation-harness and the pre-2024-07 transformers
+    text-generation pipeline behind llm-jp-eval all tokenized prompts without special tokens."""
+    assert not any(t.bos for t in T.TASKS.values())

@@ -7,7 +7,6 @@ loader is added there when moecpt has one, without touching the runner.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,14 @@ class Request:
     `decode` says how the generated text is read back: "new_tokens" decodes the new tokens alone (the
     harnesses); "after_prompt" decodes prompt + new tokens and drops the decoded prompt's characters, as the
     Hugging Face text-generation pipeline does (llm-jp-eval), which keeps a leading space the model produced.
+    `bos`: whether the prompt starts with BOS (no task of the 2024-03 protocol adds one).
     """
 
     prompt: str
     max_new_tokens: int
     stop: tuple[str, ...]
     decode: str = "new_tokens"
+    bos: bool = True
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -101,8 +102,8 @@ def load_eval_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
 class ModelLM:
     """Greedy batched completion with a moecpt Mixtral model (KV-cache `generate`) and a moecpt Tokenizer.
 
-    Prompts begin with BOS. A prompt longer than `max_length - max_new_tokens` keeps BOS and its last tokens
-    (left truncation, as the JP harness does).
+    A prompt longer than `max_length - max_new_tokens` keeps its last tokens (left truncation, as the JP
+    harness does), after BOS when the request asks for one.
     """
 
     def __init__(self, model, tokenizer, max_length: int | None = None, batch_size: int = 8):
@@ -118,9 +119,9 @@ class ModelLM:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
-    def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
+    def encode_prompt(self, text: str, max_new_tokens: int, bos: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text)
-        bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+        bos = [self.tokenizer.bos_id] if bos and self.tokenizer.bos_id is not None else []
         room = self.max_length - max_new_tokens - len(bos)
         if room <= 0:
             raise UserError(f"--max-length {self.max_length} leaves no room for a prompt and {max_new_tokens} "
@@ -139,13 +140,14 @@ class ModelLM:
 
     # -- generation -----------------------------------------------------------------------------------------
     def complete(self, requests: Sequence[Request]) -> list[str]:
-        """Generated texts, cut at the first stop string, for requests sharing max_new_tokens/stop/decode."""
+        """Generated texts, cut at the first stop string, for requests sharing max_new_tokens/stop/decode
+        (the runner batches the items of one task together)."""
         import torch
 
         if not requests:
             return []
         r0 = requests[0]
-        prompts = [self.encode_prompt(r.prompt, r0.max_new_tokens) for r in requests]
+        prompts = [self.encode_prompt(r.prompt, r0.max_new_tokens, r.bos) for r in requests]
         stop_ids = self.stop_ids(r0.stop)
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
@@ -181,15 +183,3 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     for s in stop:
         text = text.split(s)[0]
     return text
-
-
-def describe(model, tokenizer) -> dict[str, Any]:
-    """A short, JSON-ready description of the evaluated model and tokenizer for results.json."""
-    return {
-        "max_position_embeddings": int(model.config.max_position_embeddings),
-        "tokenizer": {"path": tokenizer.path, "fingerprint": tokenizer.fingerprint},
-    }
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True)

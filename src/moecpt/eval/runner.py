@@ -104,7 +104,7 @@ def run_task(task: T.Task, items: list[T.Item], lm: Completer, store: Prediction
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for start in range(0, len(todo), lm.batch_size):
         batch = todo[start:start + lm.batch_size]
-        texts = lm.complete([Request(it.prompt, task.max_new_tokens, stop, task.decode) for it in batch])
+        texts = lm.complete([Request(it.prompt, task.max_new_tokens, stop, task.decode, task.bos) for it in batch])
         records = []
         for it, raw in zip(batch, texts, strict=True):
             pred = task.clean(raw)
@@ -155,7 +155,7 @@ def evaluate(
     spec = T.load_protocol(Path(data_dir), protocol)
     results: dict[str, Any] = {"tasks": {}, "skipped": {}, "protocol": protocol, "limit": limit, **(extra or {})}
     for task in tasks:
-        budget = T.Budget(lm.count_tokens, lm.max_length - task.max_new_tokens - 1)
+        budget = T.Budget(lm.count_tokens, lm.max_length - task.max_new_tokens - int(task.bos))
         try:
             items = task.build(Path(data_dir), spec, limit, budget)
         except T.MissingData as e:

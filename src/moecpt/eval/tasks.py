@@ -77,6 +77,9 @@ class Task:
     # "after_prompt": the generated text is decode(prompt + new)[len(decode(prompt)):] (Hugging Face pipeline,
     # llm-jp-eval); "new_tokens": decode(new tokens) (JP harness, lm-evaluation-harness).
     decode: str
+    # Prompt starts with BOS? Not in the 2024-03 protocol: both harnesses encode with add_special_tokens=False
+    # and so did the transformers text-generation pipeline behind llm-jp-eval until transformers PR #31747.
+    bos: bool
     build: Callable[[Path, dict[str, Any], int | None, Budget], list[Item]] = field(repr=False)
     clean: Callable[[str], str] = field(repr=False)
     item_score: Callable[[str, str], float] | None = field(repr=False)
@@ -433,28 +436,28 @@ def _identity(text: str) -> str:
 
 
 TASKS: dict[str, Task] = {
-    "jcom": Task("jcom", "JCom.", "ja", "llm-jp-eval v1.0", "exact_match", 1, ("\n",), "after_prompt",
+    "jcom": Task("jcom", "JCom.", "ja", "llm-jp-eval v1.0", "exact_match", 1, ("\n",), "after_prompt", False,
                  _llm_jp_builder("jcom", "jcommonsenseqa", ("jcommonsenseqa/valid-v1.1.json",), read_jcom),
                  llm_jp_clean, _nfkc_gold(metrics.exact_match)),
-    "jemhopqa": Task("jemhopqa", "JEMHopQA", "ja", "llm-jp-eval v1.0", "char_f1", 15, ("\n",), "after_prompt",
+    "jemhopqa": Task("jemhopqa", "JEMHopQA", "ja", "llm-jp-eval v1.0", "char_f1", 15, ("\n",), "after_prompt", False,
                      _llm_jp_builder("jemhopqa", "jemhopqa", ("jemhopqa/corpus/dev.json",), read_jemhopqa),
                      llm_jp_clean, _nfkc_gold(metrics.char_f1)),
-    "niilc": Task("niilc", "NIILC", "ja", "llm-jp-eval v1.0", "char_f1", 180, ("\n",), "after_prompt",
+    "niilc": Task("niilc", "NIILC", "ja", "llm-jp-eval v1.0", "char_f1", 180, ("\n",), "after_prompt", False,
                   _llm_jp_builder("niilc", "niilc", ("niilc/NIILC-ECQA2015_test.xml",), read_niilc),
                   llm_jp_clean, _nfkc_gold(metrics.char_f1)),
-    "jsquad": Task("jsquad", "JSQuAD", "ja", "llm-jp-eval v1.0", "char_f1", 25, ("\n",), "after_prompt",
+    "jsquad": Task("jsquad", "JSQuAD", "ja", "llm-jp-eval v1.0", "char_f1", 25, ("\n",), "after_prompt", False,
                    _llm_jp_builder("jsquad", "jsquad", ("jsquad/valid-v1.1.json",), read_jsquad),
                    llm_jp_clean, _nfkc_gold(metrics.char_f1)),
     "xlsum": Task("xlsum", "XL-Sum", "ja", "JP LM Evaluation Harness 9b42d41", "rouge2", 256, ("\n",),
-                  "new_tokens", _build_xlsum, _identity, None, metrics.rouge2_ja),
+                  "new_tokens", False, _build_xlsum, _identity, None, metrics.rouge2_ja),
     "mgsm": Task("mgsm", "MGSM", "ja", "JP LM Evaluation Harness 9b42d41", "accuracy", 256, ("\n",),
-                 "new_tokens", _build_mgsm, _identity, lambda p, g: metrics.mgsm_correct(p, float(g))),
+                 "new_tokens", False, _build_mgsm, _identity, lambda p, g: metrics.mgsm_correct(p, float(g))),
     "wmt20_en_ja": Task("wmt20_en_ja", "WMT20 (en-ja)", "ja", "JP LM Evaluation Harness 9b42d41", "bleu", 256,
-                        ("\n",), "new_tokens", _wmt_builder("wmt20_en_ja"), _identity, None, metrics.bleu_ja),
+                        ("\n",), "new_tokens", False, _wmt_builder("wmt20_en_ja"), _identity, None, metrics.bleu_ja),
     "wmt20_ja_en": Task("wmt20_ja_en", "WMT20 (ja-en)", "ja", "JP LM Evaluation Harness 9b42d41", "bleu", 256,
-                        ("\n",), "new_tokens", _wmt_builder("wmt20_ja_en"), _identity, None, metrics.bleu_en),
+                        ("\n",), "new_tokens", False, _wmt_builder("wmt20_ja_en"), _identity, None, metrics.bleu_en),
     "gsm8k": Task("gsm8k", "GSM8K", "en", "lm-evaluation-harness (8-shot)", "strict_match", 256,
-                  ("Question:",), "new_tokens", _build_gsm8k, _identity, metrics.gsm8k_strict_match),
+                  ("Question:",), "new_tokens", False, _build_gsm8k, _identity, metrics.gsm8k_strict_match),
 }
 
 
