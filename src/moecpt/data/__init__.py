@@ -21,6 +21,8 @@ _LAZY = {
     "ValidationDataset": "moecpt.data.mixture",
     "DataExhaustedError": "moecpt.data.mixture",
     "parse_mixture": "moecpt.data.mixture",
+    "resolve_mixture": "moecpt.data.mixture",
+    "shared_corpus_mixture": "moecpt.data.mixture",
     "MixtureLoader": "moecpt.data.loader",
     "DataLoaderState": "moecpt.data.loader",
     "validation_batches": "moecpt.data.loader",
