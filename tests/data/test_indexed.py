@@ -109,6 +109,9 @@ def test_truncated_or_foreign_index_is_refused(tmp_path):
     (tmp_path / "m.idx").write_bytes(b"TNTIDX\x00\x00" + raw[8:])
     with pytest.raises(UserError, match="not a Megatron MMIDIDX index"):
         IndexedShard(tmp_path / "m")
+    (tmp_path / "m.idx").write_bytes(b"")
+    with pytest.raises(UserError, match=r"too short to be an index \(0 bytes\)"):
+        IndexedShard(tmp_path / "m")
     with pytest.raises(UserError, match="shard file not found"):
         IndexedShard(tmp_path / "absent")
 

@@ -18,28 +18,30 @@ SEQ = 256
 
 @pytest.fixture(scope="module")
 def dataset(swallow_mixture):
-    return MixtureDataset(swallow_mixture, seq_len=SEQ, seed=11)
+    return MixtureDataset(swallow_mixture, seq_len=SEQ, seed=11, allow_repeat=False)
 
 
 def _digest(tokens: np.ndarray) -> bytes:
     return tokens.tobytes()
 
 
-def _reference(dataset, n):
-    """Sample index -> tokens of an uninterrupted single-process run."""
+@pytest.fixture(scope="module")
+def full_pass(dataset):
+    """Sample index -> tokens for one full pass (until a corpus would repeat), uninterrupted, one process."""
     loader = MixtureLoader(dataset, micro_batch=4)
     out = {}
-    while len(out) < n:
+    for _ in range(len(dataset) // 4):
         b = loader.next_batch()
         out.update((int(i), _digest(t)) for i, t in zip(b["index"], b["tokens"], strict=True))
     return out
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_pass_cut_by_five_restarts_on_w_ranks_serves_each_sample_once(dataset, world_size):
-    micro, steps = 4, 60
+def test_full_pass_cut_by_five_restarts_on_w_ranks_serves_each_sample_once(dataset, full_pass, world_size):
+    micro = 4
+    steps = len(dataset) // (micro * world_size)
     total = steps * micro * world_size
-    reference = _reference(dataset, total)
+    assert total > len(dataset) - micro * world_size > 5000  # the whole pass, up to the last partial step
     rng = np.random.default_rng(world_size)
     stops = set(rng.choice(np.arange(1, steps), size=5, replace=False).tolist())
 
@@ -49,16 +51,17 @@ def test_pass_cut_by_five_restarts_on_w_ranks_serves_each_sample_once(dataset, w
         if step in stops:  # every rank checkpoints, the job dies, new processes resume from the saved state
             states = [json.loads(json.dumps(lo.state_dict())) for lo in loaders]
             assert all(s == states[0] for s in states)  # the state is the same on every rank
-            fresh = MixtureDataset(dataset.entries, seq_len=SEQ, seed=11)
+            fresh = MixtureDataset(dataset.entries, seq_len=SEQ, seed=11, allow_repeat=False)
             loaders = [MixtureLoader(fresh, micro, rank=r, world_size=world_size) for r in range(world_size)]
             for lo, s in zip(loaders, states, strict=True):
                 lo.load_state_dict(s)
         for lo in loaders:
             b = lo.next_batch()
             for i, t in zip(b["index"], b["tokens"], strict=True):
-                assert _digest(t) == reference[int(i)]
+                assert _digest(t) == full_pass[int(i)]
             served += b["index"].tolist()
     assert sorted(served) == list(range(total))  # disjoint ranks, nothing skipped, nothing twice
+    assert len(set(full_pass.values())) == len(full_pass)  # and no two samples carry the same tokens
     assert loaders[0].state.samples_consumed == total
 
 

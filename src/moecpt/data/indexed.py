@@ -158,9 +158,10 @@ class IndexedShard:
                 raise UserError(
                     f"{p}: shard file not found; create it with `moecpt data tokenize ... --output {prefix}`"
                 )
+        size = ipath.stat().st_size
+        if size < _HEADER.size:
+            raise UserError(f"{ipath}: too short to be an index ({size} bytes); re-create the shard")
         raw = np.memmap(ipath, dtype=np.uint8, mode="r")
-        if raw.size < _HEADER.size:
-            raise UserError(f"{ipath}: too short to be an index ({raw.size} bytes); re-create the shard")
         magic, version, code, n_seq, n_doc_idx = _HEADER.unpack(bytes(raw[: _HEADER.size]))
         if magic != MAGIC:
             raise UserError(f"{ipath}: not a Megatron MMIDIDX index (magic {magic!r})")
