@@ -16,6 +16,8 @@ from moecpt.errors import UserError
 # Modules that add sub-commands, in the order they appear in `moecpt --help`.
 COMMAND_MODULES = (
     "moecpt.data.cli",
+    "moecpt.train.cli",
+    "moecpt.report.cli",
     "moecpt.eval.cli",
 )
 
@@ -34,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Only commands that take `--section.key=value` config overrides accept arguments argparse does not know.
+        bad = [a for a in extra if not (getattr(args, "accepts_overrides", False) and a.startswith("--") and "=" in a)]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -30,6 +30,7 @@ class CausalLMOutput:
     aux_loss: torch.Tensor  # load-balancing loss as transformers defines it (before the coefficient)
     z_loss: torch.Tensor  # router z-loss (before its coefficient)
     num_targets: torch.Tensor | None  # how many targets the cross-entropy averaged over
+    token_loss: torch.Tensor | None  # [B, T] fp32 cross-entropy of each target (0 where ignored)
     expert_counts: torch.Tensor  # [L, E] tokens routed to each expert (top-k assignments of real tokens)
 
 
@@ -185,19 +186,20 @@ class MixtralForCausalLM(nn.Module):
 
         aux = load_balancing_loss(stats, self.config.num_local_experts)
         z = router_z_loss(stats)
-        loss = ce = n = None
+        loss = ce = n = token_loss = None
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         if targets is not None:
-            flat_t = targets.reshape(-1)
-            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat_t, ignore_index=IGNORE_INDEX)
-            n = (flat_t != IGNORE_INDEX).sum()
+            token_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                         ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+            n = (targets != IGNORE_INDEX).sum()
+            ce = token_loss.sum() / n
             loss = ce + self.config.router_aux_loss_coef * aux
             if self.config.router_z_loss_coef:
                 loss = loss + self.config.router_z_loss_coef * z
         counts = torch.stack([s.tokens_per_expert for s in stats])
         return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, z_loss=z,
-                              num_targets=n, expert_counts=counts)
+                              num_targets=n, token_loss=token_loss, expert_counts=counts)
 
     def _attention_mask(self, input_ids, attention_mask, position_ids, intra_doc, past) -> torch.Tensor | None:
         """None for plain causal attention (SDPA's fastest path), else a boolean [B, 1, Tq, Tk] mask."""

@@ -1,0 +1,1 @@
+"""Continual pre-training: configuration, the training loop, optimizer and schedule, checkpoints, metrics."""

@@ -1,0 +1,72 @@
+"""`moecpt train` and `moecpt export`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from moecpt.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="continual pre-training of a Mixtral MoE",
+        description="Train (or continue training) a Mixtral MoE. Settings come from --config, each "
+                    "overridable as --section.key=value (e.g. --training.steps=100 --run_dir=runs/x).")
+    p.add_argument("--config", help="TOML file (see configs/)")
+    p.set_defaults(func=_train, accepts_overrides=True)
+
+    e = subparsers.add_parser(
+        "export", help="write a Hugging Face directory from a checkpoint",
+        description="Write a Hugging Face Mixtral directory (weights, config, tokenizer) from a moecpt "
+                    "checkpoint, or from the latest checkpoint of a run directory.")
+    e.add_argument("checkpoint", help="checkpoint directory (RUN_DIR/checkpoints/step_...) or run directory")
+    e.add_argument("out_dir")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the written weights (default: as trained, float32)")
+    e.add_argument("--max-shard-size", default="5GB")
+    e.set_defaults(func=_export)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from moecpt.train.config import load_config
+    from moecpt.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    return 0 if result["reason"] in ("finished",) or result["reason"].startswith("signal") else 1
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    from moecpt.train.checkpoint import COMPLETE, latest_checkpoint
+
+    if (path / COMPLETE).is_file():
+        return path
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise UserError(f"{path}: neither a complete checkpoint nor a run directory with checkpoints/")
+    return latest
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from moecpt.model.config import MixtralConfig
+    from moecpt.model.mixtral import MixtralForCausalLM
+    from moecpt.train.checkpoint import load_model_weights, read_trainer_state
+    from moecpt.train.trainer import export_hf
+
+    ckpt = resolve_checkpoint(Path(args.checkpoint))
+    state = read_trainer_state(ckpt)
+    model = MixtralForCausalLM(MixtralConfig(**state["model_config"]))
+    load_model_weights(ckpt, model)
+    if args.dtype:
+        model = model.to(getattr(torch, args.dtype))
+    tok = state.get("tokenizer")
+    if tok and not Path(tok).is_file():
+        print(f"warning: the tokenizer the run used ({tok}) is gone; the export has no tokenizer files")
+        tok = None
+    out = export_hf(model, tok, Path(args.out_dir))
+    print(json.dumps({"checkpoint": str(ckpt), "step": state["step"], "exported": str(out)}))
+    return 0

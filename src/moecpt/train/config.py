@@ -1,0 +1,275 @@
+"""The training configuration: a tree of typed dataclasses read from TOML, with `--section.key=value` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key. The resolved configuration is
+written back as TOML into the run directory, so a run can always be repeated from its own `config.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moecpt.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # shape when training from scratch (see moecpt.model.config.PRESETS)
+    overrides: dict[str, Any] = field(default_factory=dict)  # MixtralConfig fields, e.g. num_hidden_layers
+    intra_doc_attention: bool = False  # tokens attend only within their document in packed samples
+
+
+@dataclass
+class DataSection:
+    # Weighted corpora, Megatron style: "0.644 ja 0.256 en 0.1 code", where each name is a key of `corpora`
+    # or a token shard prefix.
+    mixture: str = ""
+    # name -> JSON Lines files or globs (tokenized into `cache_dir` on first use) or one shard prefix.
+    corpora: dict[str, list[str]] = field(default_factory=dict)
+    tokenizer: str = ""  # SentencePiece .model / tokenizer.json / directory; "" = the Mixtral tokenizer
+    cache_dir: str = "cache/shards"
+    seq_len: int = 2048
+    seed: int = 1234
+    allow_repeat: bool = True  # a corpus that runs out starts a new, reshuffled epoch (logged and counted)
+    valid_fraction: float = 0.01
+    valid_max_documents: int = 200
+    # Start this mixture afresh at the resumed sample count instead of refusing a changed data stream.
+    new_stage: bool = False
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 2e-5
+    min_lr: float = 2e-6
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only: never norms, biases or the router
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = 1000
+    decay: str = "cosine"  # cosine | linear | constant, from lr to min_lr over the steps after warmup
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 25000
+    global_batch: int = 1024  # sequences per optimizer step, over all ranks
+    micro_batch: int = 1  # sequences per forward pass on one rank
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    max_nonfinite_in_a_row: int = 5  # then save a checkpoint and stop
+    spike_factor: float = 3.0  # flag a loss above this multiple of its running mean
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 1000  # steps between checkpoints (0: only at the end and on a signal)
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every k-th step's checkpoint (0: none)
+    export_at_end: bool = True  # write a Hugging Face directory to RUN_DIR/hf when training ends
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 10  # steps between console lines and metrics records
+    val_interval: int = 0  # steps between validation passes (0: only at the end)
+    val_batches: int = 8  # micro-batches per corpus and validation pass
+    progress: bool = True
+    tensorboard: bool = False
+    wandb_project: str = ""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    # Weights to start from (a Hugging Face directory or a moecpt checkpoint directory), with a fresh
+    # optimizer, schedule and data position: continual pre-training. "" = random initialisation.
+    init_from: str = ""
+    # "auto": continue from the latest complete checkpoint in run_dir if there is one; "never"; or a path.
+    resume: str = "auto"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def validate(self) -> None:
+        t, o = self.training, self.optimizer
+        checks = [
+            (t.steps > 0, "training.steps", "must be positive"),
+            (t.micro_batch > 0, "training.micro_batch", "must be positive"),
+            (t.global_batch > 0, "training.global_batch", "must be positive"),
+            (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "training.device",
+             "must be auto, cpu or cuda"),
+            (t.dtype in ("auto", "float32", "bfloat16"), "training.dtype", "must be auto, float32 or bfloat16"),
+            (self.schedule.decay in ("cosine", "linear", "constant"), "schedule.decay",
+             "must be cosine, linear or constant"),
+            (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0"),
+            (0 <= o.min_lr <= o.lr, "optimizer.min_lr", "must be between 0 and optimizer.lr"),
+            (o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 turns clipping off)"),
+            (self.data.seq_len > 0, "data.seq_len", "must be positive"),
+            (bool(self.data.mixture.strip()), "data.mixture", "is empty; e.g. '0.644 ja 0.256 en 0.1 code'"),
+            (self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0"),
+            (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+            (self.logging.interval > 0, "logging.interval", "must be positive"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise UserError(f"config: {key} {what} (got {_get(self, key)!r})")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                pass
+        raise UserError(f"config: {key} = {value!r} is not a {tp}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config: {key} must be a table, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"config: {key} must be a list, got {value!r}")
+        (it,) = typing.get_args(tp)
+        return [_coerce(v, it, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None) and value is None:
+        return None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"config: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            raise UserError(f"{source}: unknown key {dotted}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: {dotted} must be a table ([{dotted}])")
+            kwargs[key] = _build(tp, value, f"{dotted}.", source)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, lists, quoted strings), or else as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge(base: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = base
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override --{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML file (or nothing: the defaults) and apply `section.key=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: invalid TOML: {e}") from None
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"override {item!r}: write --section.key=value")
+        _merge(data, key, _parse_value(text))
+    config = _build(TrainConfig, data, "", source)
+    config.validate()
+    return config
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The resolved configuration as TOML that `load_config` reads back to an equal config."""
+    top, sections = [], []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            lines = [f"[{f.name}]"]
+            lines += [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)]
+            sections.append("\n".join(lines))
+        else:
+            top.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"

@@ -1,0 +1,132 @@
+"""What a run reports: model FLOPs, the console line, the JSON Lines metrics file, optional TensorBoard/W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moecpt.model.config import MixtralConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity), for MFU.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def model_flops_per_token(config: MixtralConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters (attention projections, top-k experts, router,
+    LM head; not the embedding lookup) + 6 x layers x seq_len x attention width (causal attention's two
+    matmuls, forward and backward, halved by the causal mask)."""
+    c = config
+    width = c.num_attention_heads * c.attn_head_dim
+    attn = c.hidden_size * width * 2 + 2 * c.hidden_size * c.num_key_value_heads * c.attn_head_dim
+    experts = c.num_experts_per_tok * 3 * c.hidden_size * c.intermediate_size
+    router = c.hidden_size * c.num_local_experts
+    per_layer = attn + experts + router
+    dense = 6 * (c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size)
+    return float(dense + 6 * c.num_hidden_layers * seq_len * width)
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    for key, peak in GPU_PEAK_TFLOPS.items():
+        if key in device_name:
+            return peak
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to RUN_DIR/metrics.jsonl (rank 0 only) and mirrors scalars to the
+    optional TensorBoard / W&B sinks. On resume, records past the resumed step are dropped first, so the file
+    reads as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, tensorboard: bool = False,
+                 wandb_project: str = "", config: dict[str, Any] | None = None):
+        self.enabled = enabled
+        self.path = run_dir / METRICS_FILE
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [r for r in read_metrics(run_dir) if resume_step is not None and r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("logging.tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("logging.wandb_project needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        step = record.get("step", 0)
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+class Throughput:
+    """Tokens/s over the steps since the last report, and the ETA at that pace."""
+
+    def __init__(self, start_step: int):
+        self.t0 = time.perf_counter()
+        self.last_t, self.last_step, self.last_tokens = self.t0, start_step, 0
+
+    def report(self, step: int, tokens_since_last: int, total_steps: int) -> tuple[float, float]:
+        now = time.perf_counter()
+        dt = max(now - self.last_t, 1e-9)
+        tps = tokens_since_last / dt
+        step_time = dt / max(step - self.last_step, 1)
+        self.last_t, self.last_step = now, step
+        return tps, step_time * (total_steps - step)
+
+
+def console(line: str) -> None:
+    """Print a line without breaking a tqdm progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+    except ImportError:  # pragma: no cover
+        print(line, flush=True)
