@@ -103,6 +103,8 @@ def test_gsm8k_strict_match():
     assert metrics.gsm8k_strict_match("#### 1,072", "#### 1072") == 1.0
     assert metrics.gsm8k_strict_match("The answer is 72.", gold) == 0.0  # strict: needs '#### '
     assert metrics.gsm8k_strict_match("#### 71", gold) == 0.0
+    assert metrics.gsm8k_strict_match("So 72 clips.\n#### 72.", gold) == 1.0  # a final "." is ignored
+    assert metrics.gsm8k_strict_match("#### -3", "#### -3") == 1.0
 
 
 def test_bleu_en_matches_sacrebleu():

@@ -203,3 +203,9 @@ def test_no_bos_in_the_2024_03_protocol():
     """The JP harness (hf-causal-experimental), lm-evaluation-harness and the pre-2024-07 transformers
     text-generation pipeline behind llm-jp-eval all tokenized prompts without special tokens."""
     assert not any(t.bos for t in T.TASKS.values())
+
+
+def test_harness_stop_strings_come_from_the_protocol(proto):
+    assert T.task_stop(T.TASKS["mgsm"], proto) == ("\n",)  # "<eos>" is left to the tokenizer's EOS
+    assert T.task_stop(T.TASKS["xlsum"], proto) == ("\n",)
+    assert T.task_stop(T.TASKS["gsm8k"], proto) == ("Question:",)

@@ -119,20 +119,22 @@ def mgsm_correct(completion: str, answer: float) -> float:
 _GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 
+def _gsm8k_normalise(number: str) -> str:
+    # lm-evaluation-harness's exact_match for GSM8K ignores commas, "$" and a final "."
+    return re.sub(r"\.$", "", number.strip().replace(",", "").replace("$", ""))
+
+
 def gsm8k_answer(text: str) -> str | None:
-    """The number after the first `#### ` in `text` (commas removed), as GSM8K writes its answers, or None."""
+    """The number after the first `#### ` in `text`, normalised (commas, a final '.' removed), or None."""
     match = _GSM8K_STRICT.search(text)
-    if match is None:
-        return None
-    return match.group(1).strip().replace(",", "")
+    return None if match is None else _gsm8k_normalise(match.group(1))
 
 
 def gsm8k_strict_match(completion: str, gold_answer: str) -> float:
-    """lm-evaluation-harness's GSM8K "strict-match": the `#### N` of the completion equals the gold `#### N`."""
+    """lm-evaluation-harness's GSM8K "strict-match": the `#### N` of the completion equals the gold answer's
+    final number (the text after its last `####`)."""
     pred = gsm8k_answer(completion)
-    gold = gsm8k_answer(gold_answer)
-    if gold is None:
-        gold = gold_answer.strip().replace(",", "")
+    gold = _gsm8k_normalise(gold_answer.split("####")[-1])
     return 1.0 if pred is not None and pred == gold else 0.0
 
 

@@ -427,10 +427,6 @@ def _build_gsm8k(data_dir: Path, protocol: dict, limit: int | None, budget: Budg
 # the registry
 
 
-def _stop(protocol: dict, task: str, key: str) -> tuple[str, ...]:
-    return tuple(s for s in protocol["jp_harness"]["tasks"][key]["stop"] if s != "<eos>")
-
-
 def _identity(text: str) -> str:
     return text
 
@@ -465,7 +461,8 @@ def task_stop(task: Task, protocol: dict) -> tuple[str, ...]:
     """Stop strings of a task: the harness tasks take theirs from the protocol file."""
     keys = {"xlsum": "xlsum_ja", "mgsm": "mgsm_ja", "wmt20_en_ja": "wmt20_en_ja", "wmt20_ja_en": "wmt20_ja_en"}
     if task.name in keys and protocol.get("jp_harness") is not None:
-        return _stop(protocol, task.name, keys[task.name])
+        # "<eos>" is the tokenizer's EOS, where generation stops anyway
+        return tuple(s for s in protocol["jp_harness"]["tasks"][keys[task.name]]["stop"] if s != "<eos>")
     return task.stop
 
 
