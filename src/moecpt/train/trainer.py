@@ -93,10 +93,10 @@ def model_config(cfg: TrainConfig) -> MixtralConfig:
                             "a complete moecpt checkpoint")
         shape = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings"}
-        bad = sorted(set(overrides) & shape)
+        bad = sorted(k for k in set(overrides) & shape if overrides[k] != getattr(base, k))
         if bad:
-            raise UserError(f"config: model.overrides {', '.join(bad)} would change the shape of the init_from "
-                            "model; remove them")
+            raise UserError(f"config: model.overrides {', '.join(f'{k}={overrides[k]}' for k in bad)} would change "
+                            f"the shape of the init_from model ({src}); remove them")
         return dataclasses.replace(base, **overrides)
     return MixtralConfig.from_preset(cfg.model.preset, **overrides)
 
