@@ -28,8 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moecpt.data.loader import MixtureLoader, validation_batches
-from moecpt.data.mixture import MixtureDataset
-from moecpt.data.preprocess import cached_shard
+from moecpt.data.mixture import MixtureDataset, resolve_mixture
 from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 from moecpt.errors import UserError
 from moecpt.model.config import MixtralConfig
@@ -102,20 +101,13 @@ def model_config(cfg: TrainConfig) -> MixtralConfig:
 
 
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer) -> MixtureDataset:
-    """The mixture with each named corpus resolved to a shard prefix (JSONL corpora tokenized into the cache)."""
+    """The mixture, each name resolved through `data.corpora` (JSON Lines sources are tokenized into the cache
+    on first use; shard prefixes are used as they are)."""
     parts = cfg.data.mixture.split()
     if len(parts) % 2:
         raise UserError(f"data.mixture {cfg.data.mixture!r}: expected weight and name pairs")
-    entries = []
-    for weight, name in zip(parts[::2], parts[1::2], strict=True):
-        sources = cfg.data.corpora.get(name)
-        if sources is None:
-            prefixes = [name]  # a shard prefix given directly
-        elif len(sources) == 1 and Path(sources[0] + ".idx").is_file():
-            prefixes = [sources[0]]
-        else:
-            prefixes = [os.fspath(cached_shard(sources, cfg.data.cache_dir, tokenizer=tokenizer.path))]
-        entries.append((name, float(weight), prefixes))
+    spec = [(name, weight, cfg.data.corpora.get(name, [name])) for weight, name in zip(parts[::2], parts[1::2], strict=True)]
+    entries = resolve_mixture(spec, cfg.data.cache_dir, tokenizer=tokenizer.path)
     return MixtureDataset(entries, seq_len=cfg.data.seq_len, seed=cfg.data.seed, allow_repeat=cfg.data.allow_repeat,
                           valid_fraction=cfg.data.valid_fraction, valid_max_documents=cfg.data.valid_max_documents)
 
