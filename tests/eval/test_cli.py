@@ -80,3 +80,31 @@ def test_user_errors(tmp_path, eval_data, capsys):
     assert rc == 2 and "unknown task(s) bogus" in err
     rc, _, err = _run(capsys, "--model", tmp_path, "--data-dir", eval_data, "--output", tmp_path / "o")
     assert rc == 2 and "no config.json" in err
+
+
+def test_interrupted_run_continues(tmp_path, eval_data, tiny_model_dir, capsys, monkeypatch):
+    from moecpt.eval.lm import ModelLM
+
+    real = ModelLM.complete
+    calls = []
+
+    def crash_on_second_batch(self, requests):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, requests)
+
+    args = ["--model", tiny_model_dir, "--tasks", "jcom", "--data-dir", eval_data, "--output", tmp_path / "o",
+            "--limit", 3, "--batch-size", 1, "--heldout", "none"]
+    monkeypatch.setattr(ModelLM, "complete", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(capsys, *args)
+    kept = (tmp_path / "o/predictions/jcom.jsonl").read_text("utf-8")
+    assert len(kept.splitlines()) == 1 and not (tmp_path / "o/results.json").exists()
+
+    monkeypatch.setattr(ModelLM, "complete", real)
+    rc, _, _ = _run(capsys, *args)
+    assert rc == 0
+    done = (tmp_path / "o/predictions/jcom.jsonl").read_text("utf-8")
+    assert done.startswith(kept) and len(done.splitlines()) == 3
+    assert json.loads((tmp_path / "o/results.json").read_text("utf-8"))["tasks"]["jcom"]["n"] == 3
