@@ -132,3 +132,29 @@ def test_heldout_corpora_resolution(tmp_path):
     with pytest.raises(heldout.UserError, match="NAME=FILE"):
         heldout.resolve_heldout("justapath.jsonl", {"ja"}, None)
     assert heldout.read_texts(tmp_path / "corpus/ja/wikipedia_dev.jsonl") == ["テスト"]
+
+
+def test_trainer_checkpoint_and_run_directory_load_like_the_export(tmp_path, tiny_model_dir):
+    import dataclasses
+
+    from moecpt.eval.lm import model_identity
+    from moecpt.model.hf import load_config
+    from moecpt.model.mixtral import MixtralForCausalLM
+    from moecpt.train.checkpoint import save_checkpoint
+
+    exported = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    model = MixtralForCausalLM(load_config(tiny_model_dir))
+    model.load_state_dict(exported.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"model_config": dataclasses.asdict(model.config), "tokenizer": None}
+    ckpt = save_checkpoint(tmp_path / "run/checkpoints", 7, model, optimizer, state)
+
+    ids = torch.tensor([[1, 28705, 29543, 29585, 13, 28750]])
+    with torch.no_grad():
+        want = exported(ids).logits
+        for path in (ckpt, tmp_path / "run"):
+            loaded = load_model(path, dtype="float32", device="cpu")
+            assert torch.equal(loaded(ids).logits, want)
+    assert model_identity(tmp_path / "run")["path"] == str(ckpt.resolve())
+    save_checkpoint(tmp_path / "run/checkpoints", 8, model, optimizer, state)
+    assert model_identity(tmp_path / "run")["path"].endswith("step_00000008")  # a new checkpoint is a new model

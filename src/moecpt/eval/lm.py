@@ -36,6 +36,34 @@ class Request:
     bos: bool = True
 
 
+def trainer_checkpoint(path: Path) -> Path | None:
+    """The moecpt trainer checkpoint `path` names: itself when complete, or a run directory's latest one."""
+    from moecpt.train.checkpoint import COMPLETE, latest_checkpoint
+
+    if (path / COMPLETE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        return latest_checkpoint(path / "checkpoints")
+    return None
+
+
+def _is_trainer_checkpoint(path: Path) -> bool:
+    return (path / "COMPLETE").is_file() or (path / "checkpoints").is_dir()
+
+
+def _load_trainer_checkpoint(path: Path, dtype: Any, device: str):
+    from moecpt.model.config import MixtralConfig
+    from moecpt.model.mixtral import MixtralForCausalLM
+    from moecpt.train.checkpoint import load_model_weights, read_trainer_state
+
+    ckpt = trainer_checkpoint(path)
+    if ckpt is None:
+        raise UserError(f"--model {path}: a run directory without a complete checkpoint under checkpoints/")
+    model = MixtralForCausalLM(MixtralConfig(**read_trainer_state(ckpt)["model_config"]))
+    load_model_weights(ckpt, model)
+    return model.to(device=device, dtype=dtype)
+
+
 def _is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
@@ -47,6 +75,7 @@ def _load_hf_dir(path: Path, dtype: Any, device: str):
 
 
 MODEL_LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path, Any, str], Any]]] = [
+    ("moecpt-checkpoint", _is_trainer_checkpoint, _load_trainer_checkpoint),
     ("huggingface", _is_hf_dir, _load_hf_dir),
 ]
 
@@ -58,7 +87,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "auto"):
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"--model {path}: not a directory; pass a Hugging Face model directory "
-                        f"(config.json + *.safetensors)")
+                        f"(config.json + *.safetensors), a moecpt checkpoint or a training run directory")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -71,24 +100,27 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "auto"):
             model = load(path, torch_dtype, device)
             model.eval()
             return model
-    raise UserError(f"--model {path}: no config.json there; expected a Hugging Face model directory "
-                    f"(as written by moecpt's save_pretrained)")
+    raise UserError(f"--model {path}: no config.json and no checkpoint there; expected a Hugging Face model "
+                    f"directory (as `moecpt export` writes), a moecpt checkpoint or a training run directory")
 
 
 def model_identity(path: str | Path) -> dict[str, Any]:
-    """What identifies a model directory for resuming: its path, config hash and weight file sizes."""
+    """What identifies the evaluated weights, for resuming: the resolved directory (a run directory resolves
+    to its latest checkpoint) with the sizes of its files, and the hash of config.json if any."""
     path = Path(path).resolve()
+    if _is_trainer_checkpoint(path):
+        path = trainer_checkpoint(path) or path
     config = path / "config.json"
-    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
     return {
         "path": str(path),
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
-        "weights": {p.name: p.stat().st_size for p in weights},
+        "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()},
     }
 
 
 def load_eval_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
-    """The tokenizer given with --tokenizer, else the model directory's own, else the default Mixtral one."""
+    """The tokenizer given with --tokenizer; else the model directory's own; else, for a trainer checkpoint,
+    the one the run used; else the default Mixtral one."""
     from moecpt.data.tokenizer import load_tokenizer
 
     if tokenizer is not None:
@@ -96,6 +128,13 @@ def load_eval_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
     model_dir = Path(model_dir)
     if any((model_dir / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         return load_tokenizer(model_dir)
+    if _is_trainer_checkpoint(model_dir):
+        from moecpt.train.checkpoint import read_trainer_state
+
+        ckpt = trainer_checkpoint(model_dir)
+        used = read_trainer_state(ckpt).get("tokenizer") if ckpt is not None else None
+        if used and Path(used).is_file():
+            return load_tokenizer(used)
     return load_tokenizer(None)
 
 
