@@ -108,3 +108,18 @@ def test_interrupted_run_continues(tmp_path, eval_data, tiny_model_dir, capsys, 
     done = (tmp_path / "o/predictions/jcom.jsonl").read_text("utf-8")
     assert done.startswith(kept) and len(done.splitlines()) == 3
     assert json.loads((tmp_path / "o/results.json").read_text("utf-8"))["tasks"]["jcom"]["n"] == 3
+
+
+def test_remaining_tasks_end_to_end(tmp_path, eval_data, tiny_model_dir, capsys):
+    """The tasks the first test leaves out, one item each: ROUGE over MeCab words, BLEU over nagisa words,
+    GSM8K, and the two long-output llm-jp-eval tasks."""
+    rc, stdout, _ = _run(capsys, "--model", tiny_model_dir, "--suite", "all", "--tasks",
+                         "xlsum,wmt20_en_ja,gsm8k,niilc,jsquad", "--data-dir", eval_data, "--output", tmp_path,
+                         "--limit", 1, "--heldout", "none")
+    assert rc == 0
+    results = json.loads((tmp_path / "results.json").read_text("utf-8"))
+    assert {t: r["n"] for t, r in results["tasks"].items()} == {
+        "xlsum": 1, "wmt20_en_ja": 1, "gsm8k": 1, "niilc": 1, "jsquad": 1}
+    assert all(0.0 <= r["score"] <= 1.0 for r in results["tasks"].values())
+    assert results["average_en"] == results["tasks"]["gsm8k"]["score"]
+    assert "| GSM8K | En avg |" in stdout

@@ -155,3 +155,15 @@ def test_metrics_import_without_torch():
 
     code = "import sys, moecpt.eval.metrics, moecpt.eval.tasks; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_missing_metric_package_names_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nagisa", None)  # makes `import nagisa` fail
+    metrics._nagisa.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install nagisa"):
+            metrics.bleu_ja(["猫"], ["猫"])
+    finally:
+        metrics._nagisa.cache_clear()
