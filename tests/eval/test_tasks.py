@@ -205,7 +205,9 @@ def test_no_bos_in_the_2024_03_protocol():
     assert not any(t.bos for t in T.TASKS.values())
 
 
-def test_harness_stop_strings_come_from_the_protocol(proto):
-    assert T.task_stop(T.TASKS["mgsm"], proto) == ("\n",)  # "<eos>" is left to the tokenizer's EOS
-    assert T.task_stop(T.TASKS["xlsum"], proto) == ("\n",)
-    assert T.task_stop(T.TASKS["gsm8k"], proto) == ("Question:",)
+def test_generation_settings_come_from_the_protocol(proto):
+    assert T.generation(T.TASKS["jcom"], proto) == (1, ("\n",))
+    assert [T.generation(T.TASKS[t], proto)[0] for t in ("jemhopqa", "niilc", "jsquad")] == [15, 180, 25]
+    assert T.generation(T.TASKS["mgsm"], proto) == (256, ("\n",))  # "<eos>" is left to the tokenizer's EOS
+    assert T.generation(T.TASKS["xlsum"], proto) == (256, ("\n",))
+    assert T.generation(T.TASKS["gsm8k"], proto) == (256, ("Question:",))

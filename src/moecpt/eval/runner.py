@@ -86,8 +86,8 @@ def check_run_identity(out_dir: Path, identity: dict[str, Any]) -> None:
     path.write_text(json.dumps(identity, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def run_task(task: T.Task, items: list[T.Item], lm: Completer, store: PredictionStore, stop: tuple[str, ...],
-             progress: bool = True) -> tuple[list[str], list[str]]:
+def run_task(task: T.Task, items: list[T.Item], lm: Completer, store: PredictionStore, max_new_tokens: int,
+             stop: tuple[str, ...], progress: bool = True) -> tuple[list[str], list[str]]:
     """Complete the items not yet in the store, appending each batch as it finishes; return (preds, golds)."""
     done = store.load()
     for item in items:
@@ -104,7 +104,7 @@ def run_task(task: T.Task, items: list[T.Item], lm: Completer, store: Prediction
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for start in range(0, len(todo), lm.batch_size):
         batch = todo[start:start + lm.batch_size]
-        texts = lm.complete([Request(it.prompt, task.max_new_tokens, stop, task.decode, task.bos) for it in batch])
+        texts = lm.complete([Request(it.prompt, max_new_tokens, stop, task.decode, task.bos) for it in batch])
         records = []
         for it, raw in zip(batch, texts, strict=True):
             pred = task.clean(raw)
@@ -155,7 +155,8 @@ def evaluate(
     spec = T.load_protocol(Path(data_dir), protocol)
     results: dict[str, Any] = {"tasks": {}, "skipped": {}, "protocol": protocol, "limit": limit, **(extra or {})}
     for task in tasks:
-        budget = T.Budget(lm.count_tokens, lm.max_length - task.max_new_tokens - int(task.bos))
+        max_new_tokens, stop = T.generation(task, spec)
+        budget = T.Budget(lm.count_tokens, lm.max_length - max_new_tokens - int(task.bos))
         try:
             items = task.build(Path(data_dir), spec, limit, budget)
         except T.MissingData as e:
@@ -163,7 +164,7 @@ def evaluate(
             results["skipped"][task.name] = str(e)
             continue
         store = PredictionStore(out_dir / "predictions" / f"{task.name}.jsonl")
-        preds, golds = run_task(task, items, lm, store, T.task_stop(task, spec), progress)
+        preds, golds = run_task(task, items, lm, store, max_new_tokens, stop, progress)
         results["tasks"][task.name] = {"score": task.score(preds, golds), "n": len(items), "metric": task.metric,
                                        "source": task.source}
         results.update(averages(results["tasks"]))

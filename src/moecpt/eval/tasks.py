@@ -72,7 +72,8 @@ class Task:
     lang: str  # "ja" or "en"
     source: str  # the reference tool whose protocol it follows
     metric: str
-    max_new_tokens: int
+    protocol_key: str | None  # the task's key in the protocol file
+    max_new_tokens: int  # defaults; `generation()` reads the protocol's values
     stop: tuple[str, ...]
     # "after_prompt": the generated text is decode(prompt + new)[len(decode(prompt)):] (Hugging Face pipeline,
     # llm-jp-eval); "new_tokens": decode(new tokens) (JP harness, lm-evaluation-harness).
@@ -426,44 +427,59 @@ def _build_gsm8k(data_dir: Path, protocol: dict, limit: int | None, budget: Budg
 # ---------------------------------------------------------------------------------------------------------------
 # the registry
 
+HARNESS = "JP LM Evaluation Harness 9b42d41"
+LLM_JP = "llm-jp-eval v1.0"
+HARNESS_MAX_NEW_TOKENS = 256  # the harness's max_gen_toks
+
 
 def _identity(text: str) -> str:
     return text
 
 
-TASKS: dict[str, Task] = {
-    "jcom": Task("jcom", "JCom.", "ja", "llm-jp-eval v1.0", "exact_match", 1, ("\n",), "after_prompt", False,
-                 _llm_jp_builder("jcom", "jcommonsenseqa", ("jcommonsenseqa/valid-v1.1.json",), read_jcom),
-                 llm_jp_clean, _nfkc_gold(metrics.exact_match)),
-    "jemhopqa": Task("jemhopqa", "JEMHopQA", "ja", "llm-jp-eval v1.0", "char_f1", 15, ("\n",), "after_prompt", False,
-                     _llm_jp_builder("jemhopqa", "jemhopqa", ("jemhopqa/corpus/dev.json",), read_jemhopqa),
-                     llm_jp_clean, _nfkc_gold(metrics.char_f1)),
-    "niilc": Task("niilc", "NIILC", "ja", "llm-jp-eval v1.0", "char_f1", 180, ("\n",), "after_prompt", False,
-                  _llm_jp_builder("niilc", "niilc", ("niilc/NIILC-ECQA2015_test.xml",), read_niilc),
-                  llm_jp_clean, _nfkc_gold(metrics.char_f1)),
-    "jsquad": Task("jsquad", "JSQuAD", "ja", "llm-jp-eval v1.0", "char_f1", 25, ("\n",), "after_prompt", False,
-                   _llm_jp_builder("jsquad", "jsquad", ("jsquad/valid-v1.1.json",), read_jsquad),
-                   llm_jp_clean, _nfkc_gold(metrics.char_f1)),
-    "xlsum": Task("xlsum", "XL-Sum", "ja", "JP LM Evaluation Harness 9b42d41", "rouge2", 256, ("\n",),
-                  "new_tokens", False, _build_xlsum, _identity, None, metrics.rouge2_ja),
-    "mgsm": Task("mgsm", "MGSM", "ja", "JP LM Evaluation Harness 9b42d41", "accuracy", 256, ("\n",),
-                 "new_tokens", False, _build_mgsm, _identity, lambda p, g: metrics.mgsm_correct(p, float(g))),
-    "wmt20_en_ja": Task("wmt20_en_ja", "WMT20 (en-ja)", "ja", "JP LM Evaluation Harness 9b42d41", "bleu", 256,
-                        ("\n",), "new_tokens", False, _wmt_builder("wmt20_en_ja"), _identity, None, metrics.bleu_ja),
-    "wmt20_ja_en": Task("wmt20_ja_en", "WMT20 (ja-en)", "ja", "JP LM Evaluation Harness 9b42d41", "bleu", 256,
-                        ("\n",), "new_tokens", False, _wmt_builder("wmt20_ja_en"), _identity, None, metrics.bleu_en),
-    "gsm8k": Task("gsm8k", "GSM8K", "en", "lm-evaluation-harness (8-shot)", "strict_match", 256,
-                  ("Question:",), "new_tokens", False, _build_gsm8k, _identity, metrics.gsm8k_strict_match),
-}
+def _llm_jp_task(name: str, title: str, key: str, metric: str, data: str, reader) -> Task:
+    score = metrics.exact_match if metric == "exact_match" else metrics.char_f1
+    return Task(name=name, title=title, lang="ja", source=LLM_JP, metric=metric, protocol_key=key,
+                max_new_tokens=0,  # from the protocol file: output_length
+                stop=("\n",),  # the prediction ends at the first newline: no need to generate past it
+                decode="after_prompt", bos=False, build=_llm_jp_builder(name, key, (data,), reader),
+                clean=llm_jp_clean, item_score=_nfkc_gold(score))
 
 
-def task_stop(task: Task, protocol: dict) -> tuple[str, ...]:
-    """Stop strings of a task: the harness tasks take theirs from the protocol file."""
-    keys = {"xlsum": "xlsum_ja", "mgsm": "mgsm_ja", "wmt20_en_ja": "wmt20_en_ja", "wmt20_ja_en": "wmt20_ja_en"}
-    if task.name in keys and protocol.get("jp_harness") is not None:
+def _harness_task(name: str, title: str, key: str, metric: str, build, item_score=None, corpus_score=None) -> Task:
+    return Task(name=name, title=title, lang="ja", source=HARNESS, metric=metric, protocol_key=key,
+                max_new_tokens=HARNESS_MAX_NEW_TOKENS, stop=(), decode="new_tokens", bos=False, build=build,
+                clean=_identity, item_score=item_score, corpus_score=corpus_score)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    _llm_jp_task("jcom", "JCom.", "jcommonsenseqa", "exact_match", "jcommonsenseqa/valid-v1.1.json", read_jcom),
+    _llm_jp_task("jemhopqa", "JEMHopQA", "jemhopqa", "char_f1", "jemhopqa/corpus/dev.json", read_jemhopqa),
+    _llm_jp_task("niilc", "NIILC", "niilc", "char_f1", "niilc/NIILC-ECQA2015_test.xml", read_niilc),
+    _llm_jp_task("jsquad", "JSQuAD", "jsquad", "char_f1", "jsquad/valid-v1.1.json", read_jsquad),
+    _harness_task("xlsum", "XL-Sum", "xlsum_ja", "rouge2", _build_xlsum, corpus_score=metrics.rouge2_ja),
+    _harness_task("mgsm", "MGSM", "mgsm_ja", "accuracy", _build_mgsm,
+                  item_score=lambda pred, gold: metrics.mgsm_correct(pred, float(gold))),
+    _harness_task("wmt20_en_ja", "WMT20 (en-ja)", "wmt20_en_ja", "bleu", _wmt_builder("wmt20_en_ja"),
+                  corpus_score=metrics.bleu_ja),
+    _harness_task("wmt20_ja_en", "WMT20 (ja-en)", "wmt20_ja_en", "bleu", _wmt_builder("wmt20_ja_en"),
+                  corpus_score=metrics.bleu_en),
+    Task(name="gsm8k", title="GSM8K", lang="en", source="lm-evaluation-harness (8-shot)", metric="strict_match",
+         protocol_key=None, max_new_tokens=256, stop=("Question:",), decode="new_tokens", bos=False,
+         build=_build_gsm8k, clean=_identity, item_score=metrics.gsm8k_strict_match),
+)}
+
+
+def generation(task: Task, protocol: dict) -> tuple[int, tuple[str, ...]]:
+    """(max_new_tokens, stop strings) of a task under a protocol: llm-jp-eval tasks take output_length from
+    the protocol file, harness tasks their stop strings; a task whose protocol file is absent keeps its own
+    (it is reported as missing when it is built)."""
+    if task.source == LLM_JP and protocol.get("llm_jp_eval") is not None:
+        return int(protocol["llm_jp_eval"]["tasks"][task.protocol_key]["output_length"]), task.stop
+    if task.source == HARNESS and protocol.get("jp_harness") is not None:
+        stop = protocol["jp_harness"]["tasks"][task.protocol_key]["stop"]
         # "<eos>" is the tokenizer's EOS, where generation stops anyway
-        return tuple(s for s in protocol["jp_harness"]["tasks"][keys[task.name]]["stop"] if s != "<eos>")
-    return task.stop
+        return task.max_new_tokens, tuple(s for s in stop if s != "<eos>")
+    return task.max_new_tokens, task.stop
 
 
 def select_tasks(suite: str, names: str | None) -> list[Task]:
