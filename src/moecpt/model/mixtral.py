@@ -150,6 +150,7 @@ class MixtralForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         intra_doc_attention: bool = False,
         cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """Logits and losses for a batch.
 
@@ -160,6 +161,7 @@ class MixtralForCausalLM(nn.Module):
         - `position_ids` [B, T]: RoPE positions; with `intra_doc_attention`, a position 0 starts a new
           document and tokens attend only within their document (packed sequences).
         Padding (attention_mask 0, or else label -100) is excluded from the losses and the expert statistics.
+        `logits_to_keep` > 0 computes logits for the last that many positions only (generation needs one).
         """
         if labels is not None and targets is not None:
             raise ValueError("pass either labels (unshifted) or targets (shifted), not both")
@@ -182,6 +184,10 @@ class MixtralForCausalLM(nn.Module):
             stats.append(s)
         if cache is not None:
             cache.length += T
+        if logits_to_keep:
+            if labels is not None or targets is not None:
+                raise ValueError("logits_to_keep cannot be combined with labels or targets")
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(x))
 
         aux = load_balancing_loss(stats, self.config.num_local_experts)
@@ -262,7 +268,8 @@ class MixtralForCausalLM(nn.Module):
         cache = KVCache(self.config, B, T + max_new_tokens, dtype, dev)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         key_mask = attention_mask.long()
-        logits = self(input_ids, attention_mask=key_mask, position_ids=positions, cache=cache).logits[:, -1]
+        logits = self(input_ids, attention_mask=key_mask, position_ids=positions, cache=cache,
+                      logits_to_keep=1).logits[:, -1]
         next_pos = positions[:, -1:] + 1
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         new_tokens = []
