@@ -67,9 +67,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, ffn))  # [E, H, F]: w2
 
     def forward(self, x_NH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        h_N2F = grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs_E)
-        gate, up = h_N2F.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs_E)
+        """x_NH: routed rows sorted by expert; offs_E: end offset of each expert's rows."""
+        return swiglu_experts(x_NH, self.gate_up_proj, self.down_proj, offs_E)
+
+
+def swiglu_experts(x_NH: torch.Tensor, gate_up_E2FH: torch.Tensor, down_EHF: torch.Tensor,
+                   offs_E: torch.Tensor) -> torch.Tensor:
+    """The experts' SwiGLU over rows grouped by expert (also used on a rank's local experts under expert
+    parallelism, see `moecpt.parallel.expert_parallel`)."""
+    h_N2F = grouped_mm(x_NH, gate_up_E2FH.transpose(-2, -1), offs_E)
+    gate, up = h_N2F.chunk(2, dim=-1)
+    return grouped_mm(F.silu(gate) * up, down_EHF.transpose(-2, -1), offs_E)
 
 
 class SparseMoeBlock(nn.Module):

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -157,7 +158,7 @@ def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
     model_sd = get_model_state_dict(model, options=StateDictOptions())
     with _single_process_ok():
         dcp.load({"model": model_sd}, checkpoint_id=str(ckpt))
-    model.load_state_dict(model_sd)
+    set_model_state_dict(model, model_sd)  # plain or sharded (FSDP / expert-parallel) model alike
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int, keep_every: int) -> list[Path]:

@@ -96,6 +96,25 @@ class LoggingSection:
 
 
 @dataclass
+class ParallelSection:
+    """How training is distributed when launched with torchrun (see docs/distributed.md)."""
+
+    # Ranks that split each MoE layer's experts (all-to-all dispatch); must divide the world size and the
+    # number of experts. 1: every rank holds (its FSDP shard of) all experts.
+    expert_parallel: int = 1
+    # ZeRO-3: free each block's gathered weights after its forward and gather again in backward. false keeps
+    # them from forward to backward (one all-gather less per block and step, more memory).
+    reshard_after_forward: bool = True
+    # With gradient accumulation, keep weights gathered and gradients unsharded until the last micro-batch
+    # (one all-gather and reduce-scatter per step instead of per micro-batch; more memory).
+    accumulate_unsharded: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder block in backward
+    compile: bool = False  # torch.compile each decoder block
+    backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800  # collective timeout before a stuck rank is reported
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     # Weights to start from (a Hugging Face directory or a moecpt checkpoint directory), with a fresh
@@ -110,6 +129,7 @@ class TrainConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def validate(self) -> None:
         t, o = self.training, self.optimizer
@@ -130,6 +150,9 @@ class TrainConfig:
             (self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
             (self.logging.interval > 0, "logging.interval", "must be positive"),
+            (self.parallel.expert_parallel >= 1, "parallel.expert_parallel", "must be >= 1"),
+            (self.parallel.backend in ("auto", "nccl", "gloo"), "parallel.backend", "must be auto, nccl or gloo"),
+            (self.parallel.timeout_s > 0, "parallel.timeout_s", "must be positive"),
         ]
         for ok, key, what in checks:
             if not ok:

@@ -13,6 +13,7 @@ schedule and data position); `resume` restores everything from a checkpoint of t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ from moecpt.errors import UserError
 from moecpt.model.config import MixtralConfig
 from moecpt.model.hf import from_pretrained, load_config
 from moecpt.model.mixtral import MixtralForCausalLM
+from moecpt.parallel import dist as pdist
+from moecpt.parallel import parallelize as par
 from moecpt.train import checkpoint as ckpt_lib
 from moecpt.train.config import TrainConfig, to_toml
 from moecpt.train.metrics import (
@@ -132,10 +135,12 @@ def export_hf(model: MixtralForCausalLM, tokenizer_path: str | None, out_dir: Pa
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.is_main = self.rank == 0
         self.device = resolve_device(cfg.training.device)
+        # Under torchrun (WORLD_SIZE > 1) this creates the process group; `train()` tears it down.
+        self.owns_process_group = pdist.init_distributed(self.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+        self.rank = pdist.rank()
+        self.world = pdist.world_size()
+        self.is_main = self.rank == 0
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -149,13 +154,18 @@ class Trainer:
 
         seed_everything(t.seed + self.rank)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or None)
+        # Rank 0 tokenizes any JSON Lines source into the shared cache first; the others then read it.
+        if not self.is_main:
+            self._barrier()
         self.dataset = build_dataset(cfg, self.tokenizer)
+        if self.is_main:
+            self._barrier()
         self.corpus_names = [c.name for c in self.dataset.corpora]
         self.model_config = model_config(cfg)
         if self.model_config.vocab_size < self.tokenizer.vocab_size:
             raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocab_size is "
                             f"{self.model_config.vocab_size}")
-        self.model = MixtralForCausalLM(self.model_config).to(self.device)
+        self.model, self.meshes = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.loader = MixtureLoader(self.dataset, t.micro_batch, self.rank, self.world)
         self.flops_per_token = model_flops_per_token(self.model_config, cfg.data.seq_len)
@@ -169,6 +179,28 @@ class Trainer:
         self.loss_ema: float | None = None
         self._val_bytes: dict[tuple[int, int], int] = {}
         self.start_mode = self._start()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _build_model(self) -> tuple[MixtralForCausalLM, par.Meshes | None]:
+        """The model, parallelised as `[parallel]` says. On several ranks it is built on the meta device and
+        each rank materialises only its shards (the weights of the scratch initialisation are the same as on
+        one process; with resume or init_from they are loaded in `_start`)."""
+        p = self.cfg.parallel
+        scratch = self._resume_target() is None and not self.cfg.init_from
+        if self.world == 1:
+            model = MixtralForCausalLM(self.model_config).to(self.device)
+            meshes = par.parallelize(model, p, self.device, 1, None)
+        else:
+            with torch.device("meta"):
+                model = MixtralForCausalLM(self.model_config)
+            meshes = par.parallelize(model, p, self.device, self.world, self.amp_dtype)
+            model.to_empty(device=self.device)
+        if scratch:  # a function of training.seed alone, whatever the world size and layout
+            par.init_weights(model, self.cfg.training.seed)
+        return model, meshes
 
     # ---- start: resume, init_from or scratch --------------------------------------------------------------
     def _resume_target(self) -> Path | None:
@@ -194,7 +226,10 @@ class Trainer:
             return f"resumed from {target} at step {self.step}"
         if self.cfg.init_from:
             src = Path(self.cfg.init_from)
-            if is_hf_dir(src):
+            if is_hf_dir(src) and self.world > 1:  # rank 0 reads the weights and broadcasts them
+                full = from_pretrained(src, dtype=torch.float32).state_dict() if self.is_main else None
+                par.load_full_state_dict(self.model, full)
+            elif is_hf_dir(src):
                 loaded = from_pretrained(src, dtype=torch.float32, device=self.device)
                 self.model.load_state_dict(loaded.state_dict())
             else:
@@ -225,7 +260,9 @@ class Trainer:
         corpus_tokens = torch.zeros(n_corpora, device=self.device)
         expert_counts = torch.zeros(c.num_hidden_layers, c.num_local_experts, device=self.device)
         self.model.train()
-        for b in batches:
+        for i, b in enumerate(batches):
+            if cfg.parallel.accumulate_unsharded:
+                par.set_accumulating(self.model, i < len(batches) - 1)
             inputs, targets = b["tokens"][:, :-1], b["tokens"][:, 1:]
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
@@ -277,9 +314,8 @@ class Trainer:
         return record
 
     def _clip_grad_norm(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optimizer.grad_clip or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return par.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _flag_spike(self, record: dict[str, Any]) -> None:
         loss = record["loss"]
@@ -311,9 +347,16 @@ class Trainer:
         for c, name in enumerate(self.corpus_names):
             ds = self.dataset.validation_dataset(c)
             sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
-            for i, b in enumerate(validation_batches(ds, self.cfg.training.micro_batch, self.rank, self.world)):
-                if i >= self.cfg.logging.val_batches:
-                    break
+            batches = list(itertools.islice(validation_batches(ds, self.cfg.training.micro_batch, self.rank,
+                                                               self.world), self.cfg.logging.val_batches))
+            # Sharded and expert-parallel forwards are collective: every rank runs as many as the busiest one,
+            # a rank with fewer windows on a dummy batch whose result it ignores.
+            n_passes = torch.tensor(len(batches), device=self.device)
+            if self.world > 1:
+                dist.all_reduce(n_passes, op=dist.ReduceOp.MAX)
+            for _ in range(len(batches), int(n_passes)):
+                self._forward_dummy()
+            for b in batches:
                 t = self._to_device(b)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
@@ -327,6 +370,24 @@ class Trainer:
                 out[f"val_bpb/{name}"] = (sums[0] / math.log(2) / sums[2].clamp_min(1)).item()
         self.model.train()
         return out
+
+    def _forward_dummy(self) -> None:
+        tokens = torch.zeros(1, self.cfg.data.seq_len, dtype=torch.long, device=self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            self.model(tokens)
+
+    def export(self) -> Path | None:
+        """Write RUN_DIR/hf (rank 0). With sharded weights every rank takes part in gathering them first."""
+        out = self.run_dir / "hf"
+        if self.world == 1:
+            return export_hf(self.model, self.tokenizer.path, out)
+        full = par.full_state_dict(self.model)
+        if not self.is_main:
+            return None
+        with torch.device("meta"):
+            plain = MixtralForCausalLM(self.model_config)
+        plain.load_state_dict(full, assign=True)
+        return export_hf(plain, self.tokenizer.path, out)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -351,7 +412,8 @@ class Trainer:
             console(f"config ({self.run_dir / 'config.toml'}):\n" + to_toml(cfg))
             console(f"model: {self.model.num_params() / 1e6:.1f}M parameters "
                     f"({self.model.num_params(active=True) / 1e6:.1f}M active), device {self.device}, "
-                    f"{'bf16 autocast' if self.amp_dtype else 'fp32'}, world size {self.world}, "
+                    f"{'bf16 autocast' if self.amp_dtype else 'fp32'}, world size {self.world}"
+                    f"{f' (FSDP x expert parallel {cfg.parallel.expert_parallel})' if self.world > 1 else ''}, "
                     f"{self.accum} micro-batch(es) of {cfg.training.micro_batch} per step")
             for row in self.dataset.report(cfg.training.steps * cfg.training.global_batch):
                 console(f"data: {row['name']:>12s} weight {row['weight']:.3f} realised share {row['share']:.3f} "
@@ -413,9 +475,11 @@ class Trainer:
                     if self.is_main:
                         console("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 result["validation"] = val
-                if cfg.checkpoint.export_at_end and self.is_main:
-                    result["export"] = str(export_hf(self.model, self.tokenizer.path, self.run_dir / "hf"))
-                    console(f"exported a Hugging Face model to {result['export']}")
+                if cfg.checkpoint.export_at_end:
+                    exported = self.export()
+                    if exported is not None:
+                        result["export"] = str(exported)
+                        console(f"exported a Hugging Face model to {result['export']}")
             elif self.is_main:
                 console(f"stopped at step {self.step} ({reason}); checkpoint saved to {path}; "
                         "run the same command again to resume")
@@ -448,4 +512,10 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    return Trainer(cfg).train()
+    """Train as `cfg` says; under torchrun every rank calls this (the process group is set up and torn down)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.owns_process_group:
+            pdist.destroy_distributed()

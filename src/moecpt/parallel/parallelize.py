@@ -1,0 +1,215 @@
+"""The one place that decides how a single-device Mixtral is distributed, in a fixed order:
+
+    expert parallelism -> activation checkpointing -> torch.compile -> FSDP2 (per decoder block, then root)
+
+Device meshes. Every rank is a data-parallel rank (it reads its own micro-batches). Dense weights are
+sharded by FSDP over all ranks (the 1-D mesh "dp"). With expert parallelism of size ep, the ranks also form
+a 2-D mesh ("efsdp", "ep") of shape (world / ep, ep): rank r holds experts of EP index r % ep, and each expert
+shard is further sharded by FSDP over the world / ep ranks with the same EP index. EP groups are consecutive
+ranks ({0, 1}, {2, 3}, ... for ep = 2), i.e. inside a node when ep <= GPUs per node.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.utils.checkpoint import checkpoint
+
+from moecpt.errors import UserError
+from moecpt.model.mixtral import MixtralForCausalLM
+from moecpt.parallel.expert_parallel import apply_expert_parallel
+from moecpt.train.config import ParallelSection
+
+
+@dataclass
+class Meshes:
+    dp: DeviceMesh  # all ranks: FSDP of the dense weights
+    ep: DeviceMesh | None = None  # the ranks that split one layer's experts
+    efsdp: DeviceMesh | None = None  # the ranks that hold the same experts: FSDP of the expert weights
+
+
+def check_layout(world: int, ep: int, num_experts: int) -> None:
+    """Refuse world size / EP combinations that cannot be laid out, naming the config key."""
+    if ep < 1:
+        raise UserError(f"config: parallel.expert_parallel must be >= 1 (got {ep})")
+    if world % ep:
+        raise UserError(f"config: parallel.expert_parallel ({ep}) must divide the world size ({world})")
+    if num_experts % ep:
+        raise UserError(f"config: parallel.expert_parallel ({ep}) must divide the number of experts "
+                        f"(model num_local_experts = {num_experts})")
+
+
+def build_meshes(device: torch.device, world: int, ep: int) -> Meshes:
+    dp = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    if ep == 1:
+        return Meshes(dp=dp)
+    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("efsdp", "ep"))
+    return Meshes(dp=dp, ep=mesh["ep"], efsdp=mesh["efsdp"])
+
+
+def apply_activation_checkpointing(model: MixtralForCausalLM) -> None:
+    """Recompute each decoder block in backward (keeps its input only). Parameter names do not change."""
+    for layer in model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def apply_compile(model: MixtralForCausalLM) -> None:
+    """torch.compile each decoder block in place (`Module.compile`: parameter names do not change)."""
+    for layer in model.layers:
+        layer.compile(dynamic=True)
+
+
+def shard_dim(shape: tuple[int, ...] | torch.Size, ranks: int) -> int:
+    """The dim FSDP splits: dim 0, unless it has fewer entries than ranks (the expert dim of stacked experts:
+    8 experts on 128 ranks would leave most ranks empty), then the largest dim."""
+    if len(shape) < 2 or shape[0] >= ranks:
+        return 0
+    return max(range(len(shape)), key=lambda d: shape[d])
+
+
+def _shard_dim(param: nn.Parameter, ranks: int) -> Shard:
+    local = param.to_local() if isinstance(param, DTensor) else param
+    return Shard(shard_dim(local.shape, ranks))
+
+
+def apply_fsdp(model: MixtralForCausalLM, meshes: Meshes, param_dtype: torch.dtype | None,
+               reshard_after_forward: bool) -> None:
+    """FSDP2 (ZeRO-3): each decoder block is one all-gather/reduce-scatter unit; the root holds the rest
+    (embeddings, final norm, LM head). Expert weights under EP are their own unit on the efsdp mesh."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    world = meshes.dp.size()
+    dense_place = functools.partial(_shard_dim, ranks=world)
+    for i, layer in enumerate(model.layers):
+        last = i == len(model.layers) - 1  # the root all-gathers right after it: keep it gathered
+        reshard = reshard_after_forward and not last
+        if meshes.ep is not None:
+            experts = layer.moe.experts
+            efsdp = meshes.efsdp.size()
+            fully_shard(experts, mesh=meshes.efsdp, mp_policy=mp, reshard_after_forward=reshard,
+                        shard_placement_fn=functools.partial(_shard_dim, ranks=efsdp))
+            # An expert's gradient arrives from all ranks through the all-to-all, then is summed over the
+            # efsdp group: divide by the world size so it is the same mean as the dense weights'.
+            experts.set_gradient_divide_factor(float(world))
+            # gloo has no PREMUL_SUM: sum, then divide. (Not with one rank per expert shard: no collective
+            # runs then, and torch 2.13 would divide twice.)
+            if efsdp > 1 and dist.get_backend(meshes.efsdp.get_group()) == "gloo":
+                experts.set_force_sum_reduction_for_comms(True)
+        fully_shard(layer, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=reshard,
+                    shard_placement_fn=dense_place)
+    fully_shard(model, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=False, shard_placement_fn=dense_place)
+    # The root returns views (logits, per-token losses); the trainer never modifies them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def parallelize(model: MixtralForCausalLM, cfg: ParallelSection, device: torch.device, world: int,
+                param_dtype: torch.dtype | None) -> Meshes | None:
+    """Apply the configured parallelism to `model` in place; returns the meshes (None on one process)."""
+    meshes = None
+    if world > 1:
+        check_layout(world, cfg.expert_parallel, model.config.num_local_experts)
+        meshes = build_meshes(device, world, cfg.expert_parallel)
+        if meshes.ep is not None:
+            apply_expert_parallel(model, meshes.ep)
+    elif cfg.expert_parallel != 1:
+        raise UserError(f"config: parallel.expert_parallel = {cfg.expert_parallel} needs that many processes; "
+                        "launch with torchrun --nproc_per_node N (world size 1 here)")
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    if meshes is not None:
+        apply_fsdp(model, meshes, param_dtype, cfg.reshard_after_forward)
+    return meshes
+
+
+# ---- initialisation ------------------------------------------------------------------------------------
+def _local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` for a DTensor parameter (the full tensor itself for a plain one)."""
+    if not isinstance(param, DTensor):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    return full[tuple(slice(o, o + n) for n, o in zip(shape, offset, strict=True))]
+
+
+@torch.no_grad()
+def init_weights(model: MixtralForCausalLM, seed: int) -> None:
+    """The initialisation of `MixtralForCausalLM.init_weights` (normal(0, initializer_range), norms at one)
+    drawn from a generator seeded with `seed`, so that the weights are the same on one process and on any
+    number of ranks: each full parameter is drawn on the CPU in parameter order and this rank keeps its slice
+    of it (one full parameter in memory at a time)."""
+    std = model.config.initializer_range
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        full = torch.empty(p.shape, dtype=torch.float32)
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            full.fill_(1.0)
+        else:
+            full.normal_(0.0, std, generator=gen)
+        local = p.to_local() if isinstance(p, DTensor) else p
+        local.copy_(_local_slice(p, full))
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor] | None) -> None:
+    """Load full (unsharded) weights that rank 0 holds into a sharded model: rank 0 broadcasts them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, full_sd or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights on rank 0's CPU (empty on other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ---- training-step helpers ------------------------------------------------------------------------------
+def set_accumulating(model: nn.Module, accumulating: bool) -> None:
+    """During gradient accumulation (not the last micro-batch): keep parameters gathered after backward and
+    gradients unsharded and local, so the all-gather and reduce-scatter run once per step, not per micro-batch."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(not accumulating)
+        model.set_reshard_after_backward(not accumulating)
+
+
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Clip gradients to a global L2 norm and return the norm before clipping.
+
+    The same computation on one process and on many: sharded (DTensor) gradients, which may live on
+    different meshes (dense on "dp", experts on ("efsdp", "ep")), are disjoint pieces on each rank, so the
+    squared norm is the sum over ranks of the local squared sums (each in fp32). (`torch.nn.utils.
+    clip_grad_norm_` cannot mix meshes, and its fp32 vector norm of a large embedding gradient is off by ~2e-5
+    relative, which would make one process and many disagree.)
+    """
+    local = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            if any(isinstance(pl, Replicate) for pl in g.placements):
+                raise RuntimeError("clip_grad_norm_: replicated gradient shards are not supported")
+            g = g.to_local()
+        local.append(g)
+    sq = torch.stack([t.detach().float().pow(2).sum() for t in local]).sum() if local else torch.zeros(())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    total = math.sqrt(sq.item())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(local, coef)
+    return total
