@@ -17,6 +17,7 @@ from moecpt.errors import UserError
 COMMAND_MODULES = (
     "moecpt.data.cli",
     "moecpt.train.cli",
+    "moecpt.parallel.cli",
     "moecpt.report.cli",
     "moecpt.eval.cli",
 )

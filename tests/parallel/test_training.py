@@ -96,3 +96,10 @@ def test_single_process_checkpoint_resumes_with_expert_parallel(runs, parallel_c
     assert_same_run(run, runs["single"], [3, 4])
     exported = run / "hf" / "model.safetensors"
     assert exported.is_file()  # gathered from the shards by rank 0
+
+
+def test_compiled_blocks_with_expert_parallel_match_one_process(runs, parallel_config, tmp_path):
+    run = tmp_path / "compiled"
+    torchrun(2, ["-m", "moecpt.train", "--config", str(parallel_config), f"--run_dir={run}", "--training.steps=2",
+                 "--parallel.compile=true", "--parallel.expert_parallel=2"])
+    assert_same_run(run, runs["single"], [1, 2])

@@ -1,0 +1,214 @@
+"""Capacity planning: per-GPU memory of a training layout, and the largest micro-batch that fits.
+
+Formulas (N GPUs, ep expert-parallel size, P parameters, a = bytes of the compute dtype: 2 for bf16):
+
+* Sharded training state (ZeRO-3: FSDP shards every parameter over N ranks; under EP the experts are split
+  over ep ranks and each expert shard over the N / ep others, so still 1/N of every tensor):
+  fp32 master weights 4 B, fp32 gradients 4 B (reduced in fp32), AdamW exp_avg + exp_avg_sq 8 B per parameter
+  -> 16 P / N bytes (largest shard: FSDP pads a dim that N does not divide).
+* Gathered weights (transient, compute dtype): FSDP gathers one decoder block at a time and prefetches the
+  next, and keeps the root (embeddings, LM head) gathered during forward and backward: a * (2 * block + root),
+  where a block holds its dense weights plus its E / ep local experts. The backward also holds one block's
+  unsharded gradients (a + 4 bytes per parameter). Without `reshard_after_forward` every block stays gathered
+  (a * all blocks); with `accumulate_unsharded` the unsharded gradients of the whole model stay too (4 B each).
+* Activations per token and layer: the bytes autograd saves in `moecpt.model` (counted, and re-checked by
+  `tests/parallel/test_plan.py` against the saved tensors of a real forward):
+  fp32:  30 H + 8 kv + K (16 F + 8 H + 32) + 12 E + 36
+  bf16:  24.125 H + 4 kv + K (8 F + 4 H + 30) + 14 E + 28
+  (H hidden, F expert ffn, K experts per token, E experts, kv = key/value width). With activation
+  checkpointing a layer keeps only its input (a H) and one layer is recomputed at a time. The LM head and loss
+  keep (a + 8) V bytes per token (bf16 logits, their fp32 copy and log-softmax; 8 V in fp32).
+* Usable memory: `--reserve` (default 10%) of each GPU is left for the CUDA context, allocator fragmentation,
+  collective buffers and kernel workspaces, which this plan does not model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from moecpt.model.config import MixtralConfig
+
+GB = 1e9
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    expert_parallel: int = 1
+    reshard_after_forward: bool = True
+    accumulate_unsharded: bool = False
+    activation_checkpointing: bool = False
+    dtype_bytes: int = 2  # 2: bf16 compute (FSDP param_dtype); 4: fp32
+
+
+@dataclass
+class MemoryPlan:
+    layout: Layout
+    params: float  # fp32 master shard
+    grads: float  # fp32 gradient shard
+    optimizer: float  # AdamW states
+    gathered: float  # transient unsharded weights and gradients
+    activations_per_sample: float  # bytes per sequence of seq_len tokens
+    usable: float  # GPU bytes after the reserve
+    max_micro_batch: int  # largest micro-batch that fits (0: not even one sequence)
+
+    @property
+    def static(self) -> float:
+        return self.params + self.grads + self.optimizer + self.gathered
+
+    def total(self, micro_batch: int) -> float:
+        return self.static + micro_batch * self.activations_per_sample
+
+
+def parameter_shapes(c: MixtralConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter's name and shape, without building the model."""
+    H, F, E, V = c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size
+    q, kv = c.num_attention_heads * c.attn_head_dim, c.num_key_value_heads * c.attn_head_dim
+    shapes = [("embed_tokens.weight", (V, H))]
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes += [(p + "input_layernorm.weight", (H,)), (p + "self_attn.q_proj.weight", (q, H)),
+                   (p + "self_attn.k_proj.weight", (kv, H)), (p + "self_attn.v_proj.weight", (kv, H)),
+                   (p + "self_attn.o_proj.weight", (H, q)), (p + "post_attention_layernorm.weight", (H,)),
+                   (p + "moe.gate.weight", (E, H)), (p + "moe.experts.gate_up_proj", (E, 2 * F, H)),
+                   (p + "moe.experts.down_proj", (E, H, F))]
+    shapes.append(("norm.weight", (H,)))
+    if not c.tie_word_embeddings:
+        shapes.append(("lm_head.weight", (V, H)))
+    return shapes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def shard_numel(name: str, shape: tuple[int, ...], gpus: int, ep: int) -> int:
+    """Elements of the largest shard FSDP (and EP) give one rank, as `parallelize.apply_fsdp` lays them out:
+    one dim split in ceil-sized chunks over the ranks; experts first split over ep ranks on dim 0, then over
+    the gpus / ep ranks holding the same experts."""
+    from moecpt.parallel.parallelize import shard_dim
+
+    if gpus == 1:
+        return _numel(shape)
+    ranks = gpus
+    if ".experts." in name and ep > 1:
+        shape, ranks = (shape[0] // ep, *shape[1:]), gpus // ep
+    chunk = list(shape)
+    d = shard_dim(shape, ranks)
+    chunk[d] = math.ceil(shape[d] / ranks)
+    return _numel(tuple(chunk))
+
+
+def activation_bytes_per_token_layer(c: MixtralConfig, dtype_bytes: int) -> float:
+    """Bytes autograd keeps per token in one decoder layer (see the module docstring)."""
+    H, F, K, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
+    kv = c.num_key_value_heads * c.attn_head_dim
+    if dtype_bytes == 4:
+        return 30 * H + 8 * kv + K * (16 * F + 8 * H + 32) + 12 * E + 36
+    return 24.125 * H + 4 * kv + K * (8 * F + 4 * H + 30) + 14 * E + 28
+
+
+def activation_bytes_per_sample(c: MixtralConfig, seq_len: int, dtype_bytes: int, checkpointing: bool) -> float:
+    layer = activation_bytes_per_token_layer(c, dtype_bytes)
+    if checkpointing:
+        layers = c.num_hidden_layers * dtype_bytes * c.hidden_size + layer
+    else:
+        layers = c.num_hidden_layers * layer
+    head = (dtype_bytes + 8 if dtype_bytes == 2 else 8) * c.vocab_size
+    return seq_len * (layers + head)
+
+
+def plan_memory(c: MixtralConfig, layout: Layout, seq_len: int, gpu_memory: float, reserve: float = 0.1,
+                max_micro_batch: int = 1024) -> MemoryPlan:
+    n, ep, a = layout.gpus, layout.expert_parallel, layout.dtype_bytes
+    shapes = parameter_shapes(c)
+    shard = sum(shard_numel(name, s, n, ep) for name, s in shapes)
+    root = sum(_numel(s) for name, s in shapes if not name.startswith("layers."))
+    # One block gathered on this rank: dense weights in full, its E / ep local experts.
+    block = sum(_numel(s) // (ep if ".experts." in name else 1) for name, s in shapes if name.startswith("layers.0."))
+    if n == 1:
+        gathered = 0.0  # nothing is sharded: the fp32 weights are used (autocast casts per op)
+    elif not layout.reshard_after_forward or layout.accumulate_unsharded:
+        gathered = a * (c.num_hidden_layers * block + root) + (a + 4) * block
+        if layout.accumulate_unsharded:
+            gathered += 4 * (c.num_hidden_layers * block + root)
+    else:
+        gathered = a * (2 * block + root) + (a + 4) * block
+    act = activation_bytes_per_sample(c, seq_len, a, layout.activation_checkpointing)
+    usable = gpu_memory * (1 - reserve)
+    plan = MemoryPlan(layout=layout, params=4.0 * shard, grads=4.0 * shard, optimizer=8.0 * shard,
+                      gathered=gathered, activations_per_sample=act, usable=usable, max_micro_batch=0)
+    room = usable - plan.static
+    plan.max_micro_batch = max(0, min(max_micro_batch, int(room // act))) if room > 0 else 0
+    return plan
+
+
+def candidate_layouts(c: MixtralConfig, gpus: int, dtype_bytes: int) -> list[Layout]:
+    """The layouts worth comparing: EP sizes that divide both the GPUs and the experts, reshard or not, with
+    and without activation checkpointing."""
+    eps = [e for e in range(1, min(gpus, c.num_local_experts) + 1) if gpus % e == 0 and c.num_local_experts % e == 0]
+    out = []
+    for ep in eps:
+        for reshard in (True, False):
+            for ac in (False, True):
+                out.append(Layout(gpus=gpus, expert_parallel=ep, reshard_after_forward=reshard,
+                                  activation_checkpointing=ac, dtype_bytes=dtype_bytes))
+    return out
+
+
+def best_micro_batch(plan: MemoryPlan, global_batch: int) -> int:
+    """The largest micro-batch that fits and splits the global batch evenly over the GPUs (0: none)."""
+    per_rank, rem = divmod(global_batch, plan.layout.gpus)
+    if rem:
+        return 0
+    for mb in range(min(plan.max_micro_batch, per_rank), 0, -1):
+        if per_rank % mb == 0:
+            return mb
+    return 0
+
+
+def parse_memory(text: str) -> float:
+    """'80GB' (10^9), '80GiB' (2^30) or a number of bytes."""
+    t = text.strip().upper()
+    for suffix, scale in (("GIB", GiB), ("GB", GB), ("G", GB), ("MIB", 2**20), ("MB", 1e6)):
+        if t.endswith(suffix):
+            return float(t[: -len(suffix)]) * scale
+    return float(t)
+
+
+def format_plan(c: MixtralConfig, plans: list[MemoryPlan], seq_len: int, global_batch: int) -> str:
+    n = plans[0].layout.gpus
+    p_total = sum(_numel(s) for _, s in parameter_shapes(c))
+    lines = [
+        f"model: {p_total / 1e9:.2f}B parameters, {c.num_hidden_layers} layers, {c.num_local_experts} experts "
+        f"(top-{c.num_experts_per_tok}); {n} GPUs, {plans[0].usable / GB:.1f} GB usable per GPU; "
+        f"seq_len {seq_len}, global batch {global_batch} sequences",
+        "sharded state per GPU: fp32 params + fp32 grads + AdamW states = 16 bytes x P / N; memory in GB (1e9)",
+        "",
+        f"{'EP':>3} {'reshard':>7} {'AC':>3} | {'params':>7} {'grads':>7} {'optim':>7} {'gathered':>8} "
+        f"{'act/seq':>8} | {'max mb':>6} {'use mb':>6} {'accum':>5} {'total':>7}",
+    ]
+    for p in plans:
+        lay = p.layout
+        mb = best_micro_batch(p, global_batch)
+        accum = global_batch // (mb * n) if mb else 0
+        total = f"{p.total(mb) / GB:7.1f}" if mb else f"{'OOM':>7}"
+        lines.append(
+            f"{lay.expert_parallel:>3} {'yes' if lay.reshard_after_forward else 'no':>7} "
+            f"{'on' if lay.activation_checkpointing else 'off':>3} | {p.params / GB:7.2f} {p.grads / GB:7.2f} "
+            f"{p.optimizer / GB:7.2f} {p.gathered / GB:8.2f} {p.activations_per_sample / GB:8.2f} | "
+            f"{p.max_micro_batch:>6} {mb:>6} {accum:>5} {total}")
+    fits = [p for p in plans if best_micro_batch(p, global_batch)]
+    if fits:
+        best = max(fits, key=lambda p: (best_micro_batch(p, global_batch), -p.layout.activation_checkpointing,
+                                        -p.layout.expert_parallel))
+        lay = best.layout
+        lines += ["", f"suggested: --parallel.expert_parallel={lay.expert_parallel} "
+                      f"--parallel.reshard_after_forward={str(lay.reshard_after_forward).lower()} "
+                      f"--parallel.activation_checkpointing={str(lay.activation_checkpointing).lower()} "
+                      f"--training.micro_batch={best_micro_batch(best, global_batch)}"]
+    else:
+        lines += ["", "no layout fits: use more GPUs, or a shorter seq_len"]
+    return "\n".join(lines)
