@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from moecpt import __version__
@@ -19,8 +20,11 @@ COMMAND_MODULES = (
     "moecpt.train.cli",
     "moecpt.parallel.cli",
     "moecpt.report.cli",
+    "moecpt.pipeline.cli",
     "moecpt.eval.cli",
 )
+
+OVERRIDE = re.compile(r"^--[A-Za-z_]\w*(\.\w+)+=")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        # Only commands that take `--section.key=value` config overrides accept arguments argparse does not know.
-        bad = [a for a in extra if not (getattr(args, "accepts_overrides", False) and a.startswith("--") and "=" in a)]
-        if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = extra
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--section.key=value` config overrides are taken out before argparse, which would read a value with a
+    # space in it (an inline TOML table) as a positional argument.
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args, extra = parser.parse_known_args([a for a in argv if not OVERRIDE.match(a)])
+    overrides += [a for a in extra if re.match(r"^--\w+=", a)]  # top-level keys, e.g. --run_dir=DIR
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not getattr(args, "accepts_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.overrides = overrides
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -79,8 +79,10 @@ def _expert_heatmap(path: Path, records: list[dict[str, Any]]) -> Path | None:
 
     grid = np.array([r["expert_load_max"] for r in rows]).T  # [layers, steps]
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * grid.shape[0]))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower",
-                   extent=(rows[0]["step"], rows[-1]["step"], -0.5, grid.shape[0] - 0.5))
+    first, last = rows[0]["step"], rows[-1]["step"]
+    if first == last:  # a single logged step: give it a visible width
+        first, last = first - 0.5, last + 0.5
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower", extent=(first, last, -0.5, grid.shape[0] - 0.5))
     ax.set_title("expert load: busiest expert / mean, per layer")
     ax.set_xlabel("step")
     ax.set_ylabel("layer")

@@ -1,0 +1,34 @@
+"""`moecpt run [RECIPE]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run a whole continual pre-training study from a recipe",
+        description="Tokenize corpora, (pre-train a base model,) continually pre-train, evaluate before and after, "
+                    "export and report, from one recipe. Without RECIPE: the embedded miniature study. Stages "
+                    "already complete are skipped, so rerunning continues an interrupted run. Recipe keys can be "
+                    "overridden as --key.sub=value (e.g. --cpt.training.steps=20).")
+    p.add_argument("recipe", nargs="?", help="recipe TOML file or built-in recipe name (default: mini)")
+    p.add_argument("--run-dir", help="where everything goes (default: the recipe's run_dir)")
+    p.set_defaults(func=_run, accepts_overrides=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moecpt.pipeline.recipe import builtin_recipe_path, load_recipe
+    from moecpt.pipeline.run import run_recipe
+
+    recipe = args.recipe
+    if recipe and not Path(recipe).exists() and "/" not in recipe and not recipe.endswith(".toml"):
+        recipe = builtin_recipe_path(recipe)
+    summary = run_recipe(load_recipe(recipe, args.run_dir, args.overrides))
+    bpb = summary["heldout_bpb"]
+    for lang, v in bpb.items():
+        print(f"held-out {lang}: {v['base']:.4f} -> {v['cpt']:.4f} bits/byte")
+    print(f"report: {Path(summary['report_dir']) / 'report.md'}")
+    return 0

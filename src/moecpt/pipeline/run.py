@@ -1,0 +1,222 @@
+"""`moecpt run`: a whole continual pre-training study from one recipe, stage by stage, resumable.
+
+Stages, in order, each skipped when its output is complete (a marker in RUN_DIR/stages/ records it), so a
+rerun after a crash continues where the run stopped (training itself resumes from its last checkpoint and
+evaluation from its saved predictions):
+
+    corpora   write the built-in corpora (if the recipe uses them) and tokenize every corpus into shards
+    base      pre-train a base model from scratch (optional)
+    cpt       continual pre-training on the recipe's mixture, from the base model or a Hugging Face model
+    eval      evaluate the base and the continually pre-trained model (tasks + held-out bits per byte)
+    export    the final model as a Hugging Face directory in RUN_DIR/hf
+    report    RUN_DIR/report.md, figures and summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moecpt.errors import UserError
+from moecpt.pipeline.recipe import Recipe
+
+STAGES = ("corpora", "base", "cpt", "eval", "export", "report")
+
+
+def say(msg: str) -> None:
+    print(f"[moecpt run] {msg}", flush=True)
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.run_dir = recipe.run_dir
+        self.stage_dir = self.run_dir / "stages"
+
+    # ---- stage bookkeeping --------------------------------------------------------------------------------
+    def done(self, stage: str) -> dict[str, Any] | None:
+        path = self.stage_dir / f"{stage}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def mark(self, stage: str, info: dict[str, Any]) -> None:
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.stage_dir / f"{stage}.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, self.stage_dir / f"{stage}.json")
+
+    def run(self) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.recipe.source, self.run_dir / "recipe.toml")
+        say(f"recipe {self.recipe.name!r} ({self.recipe.source}) -> {self.run_dir}")
+        for stage in STAGES:
+            if stage == "base" and self.recipe.base is None:
+                continue
+            previous = self.done(stage)
+            if previous is not None and stage != "report":
+                say(f"stage {stage}: already complete, skipped")
+                continue
+            say(f"stage {stage}: start")
+            t0 = time.perf_counter()
+            info = getattr(self, f"stage_{stage}")() or {}
+            info["seconds"] = time.perf_counter() - t0
+            self.mark(stage, info)
+            say(f"stage {stage}: done in {info['seconds']:.0f}s")
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    # ---- stages -------------------------------------------------------------------------------------------
+    def resolved_corpora(self) -> dict[str, list[str]]:
+        """Corpus sources with `builtin:NAME` replaced by the generated files."""
+        from moecpt.pipeline.builtin import write_builtin_corpora
+
+        out: dict[str, list[str]] = {}
+        builtin: dict[str, Path] | None = None
+        for name, sources in self.recipe.corpora.items():
+            out[name] = []
+            for s in sources:
+                if s.startswith("builtin:"):
+                    builtin = builtin or write_builtin_corpora(self.run_dir / "corpus")
+                    key = s.removeprefix("builtin:")
+                    if key not in builtin:
+                        raise UserError(f"{self.recipe.source}: [corpora] {name}: unknown {s!r}; built-in corpora are "
+                                        + ", ".join(f"builtin:{k}" for k in builtin))
+                    out[name].append(str(builtin[key]))
+                else:
+                    out[name].append(s)
+        return out
+
+    def heldout_files(self) -> dict[str, str]:
+        from moecpt.pipeline.builtin import write_builtin_corpora
+
+        files = {}
+        for lang, src in self.recipe.heldout.items():
+            if src.startswith("builtin:"):
+                src = str(write_builtin_corpora(self.run_dir / "corpus")[src.removeprefix("builtin:")])
+            if not Path(src).is_file():
+                raise UserError(f"{self.recipe.source}: [heldout] {lang} = {src}: file not found")
+            files[lang] = src
+        return files
+
+    def stage_corpora(self) -> dict[str, Any]:
+        from moecpt.data.mixture import resolve_mixture
+        from moecpt.data.tokenizer import load_tokenizer
+
+        corpora = self.resolved_corpora()
+        self.heldout_files()
+        cfg = self.recipe.stage_config("cpt", corpora)
+        tok = load_tokenizer(cfg.data.tokenizer or None)
+        entries = resolve_mixture([(n, 1.0, s) for n, s in corpora.items()], cfg.data.cache_dir, tokenizer=tok.path)
+        return {"shards": {e.name: list(e.prefixes) for e in entries}, "tokenizer": tok.path}
+
+    def _train(self, stage: str, init_from: str) -> dict[str, Any]:
+        from moecpt.train.trainer import Trainer
+
+        cfg = self.recipe.stage_config(stage, self.resolved_corpora(), init_from=init_from)
+        cfg.checkpoint.export_at_end = True
+        trainer = Trainer(cfg)
+        first_step = trainer.step
+        t0 = time.perf_counter()
+        result = trainer.train()
+        if result["reason"] != "finished":
+            raise UserError(f"stage {stage} stopped early ({result['reason']}); rerun `moecpt run` to continue")
+        t = cfg.training
+        return {
+            "run_dir": cfg.run_dir, "hf": result["export"], "steps": result["step"],
+            "tokens": t.steps * t.global_batch * cfg.data.seq_len, "mixture": cfg.data.mixture,
+            "mixture_report": trainer.dataset.report(t.steps * t.global_batch),
+            "device": str(trainer.device), "world_size": trainer.world,
+            "train_seconds": time.perf_counter() - t0, "steps_this_session": result["step"] - first_step,
+            "params": trainer.model.num_params(), "active_params": trainer.model.num_params(active=True),
+            "validation": result.get("validation", {}),
+        }
+
+    def stage_base(self) -> dict[str, Any]:
+        return self._train("base", init_from=self.recipe.base.get("init_from", ""))
+
+    def stage_cpt(self) -> dict[str, Any]:
+        init = self.recipe.cpt.get("init_from", "base")
+        if init == "base":
+            init = self.done("base")["hf"]
+        return self._train("cpt", init_from=init)
+
+    def base_model_dir(self) -> str:
+        if self.recipe.base is not None:
+            return self.done("base")["hf"]
+        return self.recipe.cpt["init_from"]
+
+    def stage_eval(self) -> dict[str, Any]:
+        base = self.evaluate("base", self.base_model_dir())
+        cpt = self.evaluate("cpt", self.done("cpt")["hf"], compare=base)
+        return {"base": base, "cpt": cpt}
+
+    def evaluate(self, label: str, model_dir: str, compare: str | None = None) -> str:
+        """Evaluate one model into RUN_DIR/eval/LABEL; returns its results.json."""
+        ev = self.recipe.eval
+        out = self.run_dir / "eval" / label
+        heldout = self.heldout_files()
+        data_dir = self.eval_data_dir()
+        if data_dir is None:
+            return str(self.heldout_only(label, model_dir, heldout, out))
+        from moecpt.cli import main
+
+        argv = ["eval", "--model", model_dir, "--data-dir", str(data_dir), "--output", str(out), "--name", label,
+                "--batch-size", str(ev.batch_size), "--no-progress"]
+        argv += ["--tasks", ev.tasks] if ev.tasks else ["--suite", ev.suite]
+        argv += ["--limit", str(ev.limit)] if ev.limit else []
+        argv += ["--max-length", str(ev.max_length)] if ev.max_length else []
+        argv += ["--heldout", ",".join(f"{k}={v}" for k, v in heldout.items()) if heldout else "none"]
+        argv += ["--compare", compare] if compare else []
+        status = main(argv)
+        if status not in (0, 1):  # 1: some task had no data (named in the log); the others ran
+            raise UserError(f"evaluation of {label} failed (exit status {status})")
+        return str(out / "results.json")
+
+    def eval_data_dir(self) -> Path | None:
+        setting = self.recipe.eval.data_dir
+        if setting == "none":
+            return None
+        if setting:
+            return Path(setting)
+        from moecpt.eval.cli import default_data_dir
+
+        return default_data_dir()
+
+    def heldout_only(self, label: str, model_dir: str, heldout: dict[str, str], out: Path) -> Path:
+        """Held-out bits per byte alone, in the layout of `moecpt eval`'s results.json."""
+        from moecpt.eval.heldout import bits_per_byte, read_texts
+        from moecpt.eval.lm import load_eval_tokenizer, load_model
+
+        model = load_model(model_dir)
+        tok = load_eval_tokenizer(model_dir)
+        limit = self.recipe.eval.limit or None
+        results = {"name": label, "model": model_dir, "tasks": {}, "average": None,
+                   "skipped": {"tasks": "no evaluation data directory (eval.data_dir); held-out loss only"},
+                   "heldout": {lang: {**bits_per_byte(model, tok, read_texts(Path(f), limit=limit),
+                                                      model.config.max_position_embeddings), "file": f}
+                               for lang, f in heldout.items()}}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return out / "results.json"
+
+    def stage_export(self) -> dict[str, Any]:
+        dst = self.run_dir / "hf"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(self.done("cpt")["hf"], dst)
+        return {"hf": str(dst)}
+
+    def stage_report(self) -> dict[str, Any]:
+        from moecpt.report.report import write_report
+
+        return {"report": str(write_report(self.run_dir))}
+
+
+def run_recipe(recipe: Recipe) -> dict[str, Any]:
+    try:
+        return Pipeline(recipe).run()
+    finally:
+        sys.stdout.flush()
