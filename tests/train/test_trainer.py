@@ -282,3 +282,15 @@ def test_init_from_refuses_overrides_that_change_its_shape(tiny_config, tmp_path
     assert all(torch.equal(same[k], v) for k, v in t.model.state_dict().items())
     with pytest.raises(UserError, match="num_hidden_layers=3 would change the shape"):
         Trainer(tiny_config(f"--init_from={ckpt}", "--model.overrides.num_hidden_layers=3"))
+
+
+def test_the_shipped_tiny_config_trains_on_the_shared_corpora(shared_data, tmp_path, monkeypatch):
+    from moecpt.cli import main
+
+    monkeypatch.chdir(REPO)  # its corpus paths are relative to the repository root, as in the README
+    argv = ["train", "--config", "configs/tiny.toml", f"--run_dir={tmp_path / 'run'}", "--training.steps=2",
+            "--logging.progress=false", f"--data.cache_dir={tmp_path / 'cache'}", "--checkpoint.export_at_end=false"]
+    assert main(argv) == 0
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "loss" in r] == [2]
+    assert {"loss/ja", "loss/en", "loss/code"} <= set(records[0])
