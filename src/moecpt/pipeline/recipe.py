@@ -16,19 +16,13 @@ Relative paths are relative to the directory `moecpt run` is started from, like 
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
-from moecpt.train.config import TrainConfig, _build, _merge, _parse_value
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from moecpt.train.config import TrainConfig, _build, apply_overrides, read_toml
 
 DEFAULT_RECIPE = "mini"
 RECIPE_KEYS = {"name", "description", "run_dir", "corpora", "heldout", "train", "base", "cpt", "eval"}
@@ -92,17 +86,8 @@ def builtin_recipe_path(name: str) -> Path:
 def load_recipe(path: str | Path | None, run_dir: str | None = None, overrides: list[str] = ()) -> Recipe:
     """Read a recipe file (None: the embedded default) with `--key.sub=value` overrides."""
     path = Path(path) if path else builtin_recipe_path(DEFAULT_RECIPE)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: invalid TOML: {e}") from None
-    for item in overrides:
-        key, eq, text = item.removeprefix("--").partition("=")
-        if not eq:
-            raise UserError(f"override {item!r}: write --key.sub=value")
-        _merge(data, key, _parse_value(text))
+    data = read_toml(path, "recipe")
+    apply_overrides(data, list(overrides))
     unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; a recipe has {', '.join(sorted(RECIPE_KEYS))}")

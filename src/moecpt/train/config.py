@@ -241,26 +241,30 @@ def _merge(base: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML file (or nothing: the defaults) and apply `section.key=value` overrides."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path}: invalid TOML: {e}") from None
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `--section.key=value` strings to a TOML dict, in place."""
     for item in overrides:
-        item = item[2:] if item.startswith("--") else item
-        key, eq, text = item.partition("=")
+        key, eq, text = item.removeprefix("--").partition("=")
         if not eq or not key:
             raise UserError(f"override {item!r}: write --section.key=value")
         _merge(data, key, _parse_value(text))
-    config = _build(TrainConfig, data, "", source)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML file (or nothing: the defaults) and apply `section.key=value` overrides."""
+    data = read_toml(path) if path is not None else {}
+    apply_overrides(data, list(overrides))
+    config = _build(TrainConfig, data, "", str(path) if path is not None else "defaults")
     config.validate()
     return config
 
