@@ -11,7 +11,12 @@ of magnitude larger (a wrong gradient averaging moves the loss at the 1e-3 level
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,7 @@ from moecpt.train import checkpoint as ckpt_lib
 from moecpt.train.metrics import read_metrics
 from moecpt.train.trainer import train
 
-from .conftest import torchrun
+from .conftest import REPO, torchrun
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-4
@@ -103,3 +108,44 @@ def test_compiled_blocks_with_expert_parallel_match_one_process(runs, parallel_c
     torchrun(2, ["-m", "moecpt.train", "--config", str(parallel_config), f"--run_dir={run}", "--training.steps=2",
                  "--parallel.compile=true", "--parallel.expert_parallel=2"])
     assert_same_run(run, runs["single"], [1, 2])
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (its children, read from /proc)."""
+    try:
+        children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(parallel_config, tmp_path):
+    run = tmp_path / "signalled"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moecpt.train",
+           "--config", str(parallel_config), f"--run_dir={run}", "--training.steps=200", "--checkpoint.interval=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").exists() and max(trace(run), default=0) >= 2):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no step 2 within 120 s"
+            time.sleep(0.5)
+        pid = _worker_pid(proc.pid, rank=1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)  # only rank 1 is told to stop
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped at step" in out and "signal SIGTERM" in out
+    (step, ckpt), = ckpt_lib.list_checkpoints(run / "checkpoints")
+    assert 2 <= step < 200 and ckpt_lib.read_trainer_state(ckpt)["data"]["samples_consumed"] == 4 * step

@@ -402,6 +402,17 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal: all ranks must leave the loop at the same step (one scalar
+        all-reduce per step), or those still training would wait forever on the ones saving."""
+        if self.world == 1:
+            return self._stop_signal is not None
+        flag = torch.tensor(float(self._stop_signal or 0), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return bool(flag.item())
+
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -461,7 +472,7 @@ class Trainer:
                 if self.nonfinite_in_a_row >= cfg.training.max_nonfinite_in_a_row:
                     reason = f"{self.nonfinite_in_a_row} non-finite steps in a row"
                     break
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     reason = f"signal {signal.Signals(self._stop_signal).name}"
                     break
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not is_last:
