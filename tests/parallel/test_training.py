@@ -149,3 +149,16 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(parallel_config, 
     assert "stopped at step" in out and "signal SIGTERM" in out
     (step, ckpt), = ckpt_lib.list_checkpoints(run / "checkpoints")
     assert 2 <= step < 200 and ckpt_lib.read_trainer_state(ckpt)["data"]["samples_consumed"] == 4 * step
+
+
+def test_init_from_a_hugging_face_directory_on_two_ranks(runs, parallel_config, config_for, tmp_path):
+    from moecpt.cli import main
+
+    hf = tmp_path / "hf"
+    assert main(["export", str(runs["single"]), str(hf)]) == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(config_for(f"--run_dir={one}", f"--init_from={hf}", "--training.steps=2"))
+    # Rank 0 reads the directory and broadcasts the weights into the expert-parallel shards.
+    torchrun(2, ["-m", "moecpt.train", "--config", str(parallel_config), f"--run_dir={two}", f"--init_from={hf}",
+                 "--training.steps=2", "--parallel.expert_parallel=2"])
+    assert_same_run(two, one, [1, 2])
