@@ -103,10 +103,10 @@ def test_single_process_checkpoint_resumes_with_expert_parallel(runs, parallel_c
     assert exported.is_file()  # gathered from the shards by rank 0
 
 
-def test_compiled_blocks_with_expert_parallel_match_one_process(runs, parallel_config, tmp_path):
+def test_compiled_blocks_with_expert_parallel_and_unsharded_accumulation_match_one_process(runs, parallel_config, tmp_path):
     run = tmp_path / "compiled"
     torchrun(2, ["-m", "moecpt.train", "--config", str(parallel_config), f"--run_dir={run}", "--training.steps=2",
-                 "--parallel.compile=true", "--parallel.expert_parallel=2"])
+                 "--parallel.compile=true", "--parallel.expert_parallel=2", "--parallel.accumulate_unsharded=true"])
     assert_same_run(run, runs["single"], [1, 2])
 
 
