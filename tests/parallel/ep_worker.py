@@ -5,13 +5,16 @@ step, and writes per-rank results (and sharded-state bytes) as JSON to argv[1]."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from moecpt.model.config import MixtralConfig
 from moecpt.model.mixtral import MixtralForCausalLM
@@ -22,6 +25,11 @@ from moecpt.train.optim import build_optimizer
 
 CONFIG = MixtralConfig.from_preset("tiny", vocab_size=256, hidden_size=32, intermediate_size=48,
                                    num_attention_heads=4, num_key_value_heads=2)  # 4 experts, top-2
+
+
+def config(num_experts: int) -> MixtralConfig:
+    """With 2 experts on 4 ranks, FSDP shards the expert and router weights on their largest dim, not dim 0."""
+    return dataclasses.replace(CONFIG, num_local_experts=num_experts)
 
 
 def forced_route(self: SparseMoeBlock, x_TH: torch.Tensor):
@@ -38,15 +46,16 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     out_dir = Path(sys.argv[1])
+    cfg = config(int(sys.argv[2]) if len(sys.argv) > 2 else CONFIG.num_local_experts)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     SparseMoeBlock.route = forced_route
     gen = torch.Generator().manual_seed(0)
-    tokens_all = torch.randint(0, CONFIG.vocab_size, (world * 2, 17), generator=gen)
+    tokens_all = torch.randint(0, cfg.vocab_size, (world * 2, 17), generator=gen)
     mine = tokens_all[rank * 2:(rank + 1) * 2]
     n_global = tokens_all[:, 1:].numel()
 
-    ref = MixtralForCausalLM(CONFIG)
+    ref = MixtralForCausalLM(cfg)
     init_weights(ref, seed=3)
     out = ref(tokens_all[:, :-1], targets=tokens_all[:, 1:])
     (out.token_loss.sum() / n_global).backward()
@@ -54,9 +63,9 @@ def main() -> None:
     ref_counts = out.expert_counts
 
     result = {"rank": rank}
-    for ep in [e for e in (1, 2, 4) if world % e == 0 and e <= world]:
+    for ep in [e for e in (1, 2, 4) if world % e == 0 and cfg.num_local_experts % e == 0]:
         with torch.device("meta"):
-            model = MixtralForCausalLM(CONFIG)
+            model = MixtralForCausalLM(cfg)
         parallelize(model, ParallelSection(expert_parallel=ep), torch.device("cpu"), world, None)
         model.to_empty(device="cpu")
         init_weights(model, seed=3)
@@ -77,12 +86,18 @@ def main() -> None:
             return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in ts)
 
         state = [v for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+        # A sharded DCP checkpoint and the full weights it must load to on one process.
+        dcp.save(get_model_state_dict(model), checkpoint_id=str(out_dir / f"dcp_ep{ep}"))
+        full_weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(full_weights, out_dir / f"full_ep{ep}.pt")
+        placements = sorted({str(p.placements) for p in model.parameters()})
         result[f"ep{ep}"] = {
             "loss_err": loss_err, "grad_err": grad_err, "norm": norm, "ref_norm": ref_norm,
             "counts_equal": bool(torch.equal(counts, ref_counts)), "idle_experts": int((counts == 0).sum()),
             "param_bytes": local_bytes(model.parameters()),
             "grad_bytes": local_bytes(p.grad for p in model.parameters()),
-            "optim_bytes": local_bytes(state),
+            "optim_bytes": local_bytes(state), "placements": placements,
         }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
