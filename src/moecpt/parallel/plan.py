@@ -202,8 +202,9 @@ def format_plan(c: MixtralConfig, plans: list[MemoryPlan], seq_len: int, global_
             f"{p.max_micro_batch:>6} {mb:>6} {accum:>5} {total}")
     fits = [p for p in plans if best_micro_batch(p, global_batch)]
     if fits:
-        best = max(fits, key=lambda p: (best_micro_batch(p, global_batch), -p.layout.activation_checkpointing,
-                                        -p.layout.expert_parallel))
+        # The largest micro-batch (fewest accumulation passes); then no recomputation; then the most headroom.
+        best = max(fits, key=lambda p: (best_micro_batch(p, global_batch), not p.layout.activation_checkpointing,
+                                        -p.total(best_micro_batch(p, global_batch))))
         lay = best.layout
         lines += ["", f"suggested: --parallel.expert_parallel={lay.expert_parallel} "
                       f"--parallel.reshard_after_forward={str(lay.reshard_after_forward).lower()} "
