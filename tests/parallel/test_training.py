@@ -72,12 +72,20 @@ def runs(parallel_config, config_for, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def validation(run_dir: Path) -> dict[str, float]:
+    """The end-of-run validation record: the same windows at any world size, so the same values."""
+    (last,) = [r for r in read_metrics(run_dir) if "val_bpb/ja" in r]
+    return {k: v for k, v in last.items() if k.startswith("val_")}
+
+
 def test_fsdp_two_ranks_matches_one_process(runs):
     assert_same_run(runs["fsdp"], runs["single"], [1, 2, 3, 4])
+    assert validation(runs["fsdp"]) == pytest.approx(validation(runs["single"]), rel=LOSS_RTOL)
 
 
 def test_fsdp_with_expert_parallel_2x2_matches_one_process(runs):
     assert_same_run(runs["ep"], runs["single"], [1, 2, 3, 4])
+    assert validation(runs["ep"]) == pytest.approx(validation(runs["single"]), rel=LOSS_RTOL)
 
 
 def test_checkpoint_of_4_ranks_resumes_on_2_and_on_1(runs, parallel_config, config_for, tmp_path):

@@ -89,7 +89,7 @@ class CheckpointSection:
 class LoggingSection:
     interval: int = 10  # steps between console lines and metrics records
     val_interval: int = 0  # steps between validation passes (0: only at the end)
-    val_batches: int = 8  # micro-batches per corpus and validation pass
+    val_batches: int = 8  # validation uses the first val_batches x micro_batch windows of each corpus
     progress: bool = True
     tensorboard: bool = False
     wandb_project: str = ""

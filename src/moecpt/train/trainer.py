@@ -13,7 +13,6 @@ schedule and data position); `resume` restores everything from a checkpoint of t
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -347,8 +346,9 @@ class Trainer:
         for c, name in enumerate(self.corpus_names):
             ds = self.dataset.validation_dataset(c)
             sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
-            batches = list(itertools.islice(validation_batches(ds, self.cfg.training.micro_batch, self.rank,
-                                                               self.world), self.cfg.logging.val_batches))
+            # The first val_batches x micro_batch windows, split over the ranks: the same windows at any world size.
+            first = _FirstWindows(ds, self.cfg.logging.val_batches * self.cfg.training.micro_batch)
+            batches = list(validation_batches(first, self.cfg.training.micro_batch, self.rank, self.world))
             # Sharded and expert-parallel forwards are collective: every rank runs as many as the busiest one,
             # a rank with fewer windows on a dummy batch whose result it ignores.
             n_passes = torch.tensor(len(batches), device=self.device)
@@ -514,6 +514,21 @@ class Trainer:
         parts.append(f"experts max/mean {max(r['expert_load_max']):.2f} idle {sum(r['expert_idle'])}")
         parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
+
+
+class _FirstWindows:
+    """The first `n` windows of a validation set (a view with its `__len__` and `__getitem__`)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
 
 
 def seed_everything(seed: int) -> None:
