@@ -119,3 +119,37 @@ def test_recipe_errors_name_the_problem(tmp_path):
     bad.write_text('name = "x"\n[corpora]\nja = "a"\n[cpt]\ninit_from = "hf"\nmixture = "1 ja"\n[train.training]\nsteps = "many"\n')
     with pytest.raises(UserError, match="training.steps must be int"):
         load_recipe(bad).stage_config("cpt", {"ja": ["a"]})
+
+
+def test_print_config_gives_a_training_config_for_torchrun(tmp_path, capsys, monkeypatch):
+    from moecpt.train.config import load_config
+
+    assert main(["run", "--run-dir", str(tmp_path / "r"), "--print-config", "cpt", "--cpt.training.steps=7"]) == 0
+    (tmp_path / "cpt.toml").write_text(capsys.readouterr().out)
+    cfg = load_config(tmp_path / "cpt.toml")
+    assert cfg.training.steps == 7 and cfg.run_dir == str(tmp_path / "r" / "cpt")
+    assert cfg.init_from == str(tmp_path / "r" / "base" / "hf")
+    assert cfg.data.mixture == "0.644 ja 0.256 en 0.1 code" and cfg.data.corpora["ja"][0].endswith("ja.jsonl")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--run-dir", str(tmp_path / "r")]) == 2  # refused with a message, nothing started
+    assert "do not start it under torchrun" in capsys.readouterr().err
+
+
+def test_a_training_stage_run_outside_is_picked_up(tmp_path, capsys):
+    """The cluster workflow: train the printed stage config elsewhere, then `moecpt run` continues from it."""
+    from moecpt.train.config import load_config
+    from moecpt.train.trainer import train
+
+    run = tmp_path / "r"
+    argv = ["run", "--run-dir", str(run), *TINY, "--base.training.steps=3", "--cpt.training.steps=3",
+            "--eval.data_dir=none", "--eval.limit=2"]
+    assert main([*argv, "--print-config", "base"]) == 0
+    (tmp_path / "base.toml").write_text(capsys.readouterr().out)
+    train(load_config(tmp_path / "base.toml"))  # as torchrun -m moecpt.train would
+    ckpt = run / "base" / "checkpoints" / "step_00000003"
+    stamp = (ckpt / "COMPLETE").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (ckpt / "COMPLETE").stat().st_mtime_ns == stamp  # the finished run was reused, not redone
+    base_steps = [json.loads(line)["step"] for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert base_steps.count(3) == 2  # one training record and one validation record for step 3, no more

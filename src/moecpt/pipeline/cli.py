@@ -14,6 +14,9 @@ def register(subparsers) -> None:
                     "overridden as --key.sub=value (e.g. --cpt.training.steps=20).")
     p.add_argument("recipe", nargs="?", help="recipe TOML file or built-in recipe name (default: mini)")
     p.add_argument("--run-dir", help="where everything goes (default: the recipe's run_dir)")
+    p.add_argument("--print-config", choices=["base", "cpt"], metavar="STAGE",
+                   help="print the `moecpt train` config of a training stage (base or cpt) and exit, e.g. to "
+                        "launch that stage under torchrun or Slurm")
     p.set_defaults(func=_run, accepts_overrides=True)
 
 
@@ -21,12 +24,16 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moecpt.pipeline.recipe import builtin_recipe_path, load_recipe
-    from moecpt.pipeline.run import run_recipe
+    from moecpt.pipeline.run import print_stage_config, run_recipe
 
     recipe = args.recipe
     if recipe and not Path(recipe).exists() and "/" not in recipe and not recipe.endswith(".toml"):
         recipe = builtin_recipe_path(recipe)
-    summary = run_recipe(load_recipe(recipe, args.run_dir, args.overrides))
+    loaded = load_recipe(recipe, args.run_dir, args.overrides)
+    if args.print_config:
+        print(print_stage_config(loaded, args.print_config), end="")
+        return 0
+    summary = run_recipe(loaded)
     bpb = summary["heldout_bpb"]
     for lang, v in bpb.items():
         print(f"held-out {lang}: {v['base']:.4f} -> {v['cpt']:.4f} bits/byte")

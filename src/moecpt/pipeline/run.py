@@ -215,7 +215,30 @@ class Pipeline:
         return {"report": str(write_report(self.run_dir))}
 
 
+def print_stage_config(recipe: Recipe, stage: str) -> str:
+    """The resolved `moecpt train` config of a training stage, as TOML (corpora resolved, init_from set)."""
+    from moecpt.train.config import to_toml
+
+    if stage == "base" and recipe.base is None:
+        raise UserError(f"{recipe.source}: the recipe has no [base] stage")
+    pipe = Pipeline(recipe)
+    init = ""
+    if stage == "cpt":
+        init = recipe.cpt.get("init_from", "base")
+        if init == "base":
+            init = str(recipe.run_dir / "base" / "hf")
+    else:
+        init = recipe.base.get("init_from", "")
+    return to_toml(recipe.stage_config(stage, pipe.resolved_corpora(), init_from=init))
+
+
 def run_recipe(recipe: Recipe) -> dict[str, Any]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "moecpt run drives a study from one process; do not start it under torchrun. For multi-GPU "
+            "training, write the stage's config with `moecpt run RECIPE --print-config cpt > cpt.toml`, train it "
+            "with `torchrun ... -m moecpt.train --config cpt.toml`, then run `moecpt run RECIPE` again: it "
+            "finds the finished training run and goes on with evaluation and the report")
     try:
         return Pipeline(recipe).run()
     finally:

@@ -45,6 +45,7 @@ from moecpt.train.metrics import (
     format_duration,
     gpu_peak_tflops,
     model_flops_per_token,
+    read_metrics,
 )
 from moecpt.train.optim import build_optimizer, lr_at
 
@@ -399,6 +400,13 @@ class Trainer:
             ckpt_lib.prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
         return path
 
+    def _logged_validation(self) -> dict[str, float]:
+        """The validation record of the current step in metrics.jsonl, if the run logged one."""
+        for r in reversed(read_metrics(self.run_dir)):
+            if r.get("step") == self.step and any(k.startswith("val_") for k in r):
+                return {k: v for k, v in r.items() if k.startswith("val_")}
+        return {}
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -438,6 +446,7 @@ class Trainer:
 
             bar = tqdm(total=cfg.training.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         pace = Throughput(self.step)
+        first_step = self.step
         tokens_since = 0
         reason = "finished"
         last_record: dict[str, Any] = {}
@@ -477,14 +486,20 @@ class Trainer:
                     break
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and not is_last:
                     self.save()
-            path = self.save()
+            existing = ckpt_lib.step_dir(self.ckpt_root, self.step)
+            # A run resumed at its last step (already finished) has that checkpoint: do not write it again.
+            path = existing if (existing / ckpt_lib.COMPLETE).is_file() else self.save()
             result = {"reason": reason, "step": self.step, "checkpoint": str(path), "last": last_record}
             if reason == "finished":
-                val = self.validate()
-                if val:
-                    metrics.log({"step": self.step, **val})
-                    if self.is_main:
-                        console("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                # A run restarted after it had finished keeps the validation it logged then (one process only:
+                # with several ranks every one must take part in validating, whatever files it sees).
+                val = self._logged_validation() if self.step == first_step and self.world == 1 else {}
+                if not val:
+                    val = self.validate()
+                    if val:
+                        metrics.log({"step": self.step, **val})
+                if val and self.is_main:
+                    console("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 result["validation"] = val
                 if cfg.checkpoint.export_at_end:
                     exported = self.export()
