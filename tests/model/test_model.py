@@ -191,3 +191,20 @@ def test_config_round_trips_through_hf_dict():
     d["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0}
     with pytest.raises(UserError, match="yarn"):
         MixtralConfig.from_hf_dict(d)
+
+
+def test_experts_run_in_the_autocast_dtype_with_fp32_gradients():
+    from moecpt.model.moe import swiglu_experts
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(12, 16, generator=g)
+    gate_up = torch.randn(3, 2 * 32, 16, generator=g).requires_grad_()
+    down = torch.randn(3, 16, 32, generator=g).requires_grad_()
+    offs = torch.tensor([4, 4, 12], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = swiglu_experts(x, gate_up, down, offs)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert gate_up.grad.dtype == torch.float32 and down.grad.dtype == torch.float32
+    ref = swiglu_experts(x, gate_up.detach(), down.detach(), offs)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 rounding, not a different result

@@ -74,7 +74,12 @@ class Experts(nn.Module):
 def swiglu_experts(x_NH: torch.Tensor, gate_up_E2FH: torch.Tensor, down_EHF: torch.Tensor,
                    offs_E: torch.Tensor) -> torch.Tensor:
     """The experts' SwiGLU over rows grouped by expert (also used on a rank's local experts under expert
-    parallelism, see `moecpt.parallel.expert_parallel`)."""
+    parallelism, see `moecpt.parallel.expert_parallel`). Under autocast the expert GEMMs run in the autocast
+    dtype like any matmul (grouped GEMMs are not on autocast's list, so the cast is done here)."""
+    dev = x_NH.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x_NH, gate_up_E2FH, down_EHF = x_NH.to(dt), gate_up_E2FH.to(dt), down_EHF.to(dt)
     h_N2F = grouped_mm(x_NH, gate_up_E2FH.transpose(-2, -1), offs_E)
     gate, up = h_N2F.chunk(2, dim=-1)
     return grouped_mm(F.silu(gate) * up, down_EHF.transpose(-2, -1), offs_E)
