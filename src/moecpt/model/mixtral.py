@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecpt.kernels.cross_entropy import linear_cross_entropy
 from moecpt.model.config import MixtralConfig
 from moecpt.model.moe import RouterStats, SparseMoeBlock, load_balancing_loss, router_z_loss
 
@@ -24,7 +25,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V] (None with loss_only)
     loss: torch.Tensor | None  # ce_loss + aux coef * aux_loss + z coef * z_loss (with labels/targets)
     ce_loss: torch.Tensor | None  # mean cross-entropy over targets that are not IGNORE_INDEX
     aux_loss: torch.Tensor  # load-balancing loss as transformers defines it (before the coefficient)
@@ -151,6 +152,7 @@ class MixtralForCausalLM(nn.Module):
         intra_doc_attention: bool = False,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        loss_only: bool = False,
     ) -> CausalLMOutput:
         """Logits and losses for a batch.
 
@@ -162,9 +164,13 @@ class MixtralForCausalLM(nn.Module):
           document and tokens attend only within their document (packed sequences).
         Padding (attention_mask 0, or else label -100) is excluded from the losses and the expert statistics.
         `logits_to_keep` > 0 computes logits for the last that many positions only (generation needs one).
+        `loss_only` (training, with labels/targets): no logits; the LM head and cross-entropy run a chunk of
+        tokens at a time (`moecpt.kernels.cross_entropy`), the same losses without [B, T, V] fp32 logits.
         """
         if labels is not None and targets is not None:
             raise ValueError("pass either labels (unshifted) or targets (shifted), not both")
+        if loss_only and labels is None and targets is None:
+            raise ValueError("loss_only needs labels or targets")
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -188,7 +194,8 @@ class MixtralForCausalLM(nn.Module):
             if labels is not None or targets is not None:
                 raise ValueError("logits_to_keep cannot be combined with labels or targets")
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
+        logits = None if loss_only else self.lm_head(h)
 
         aux = load_balancing_loss(stats, self.config.num_local_experts)
         z = router_z_loss(stats)
@@ -196,8 +203,13 @@ class MixtralForCausalLM(nn.Module):
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         if targets is not None:
-            token_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+            if loss_only:
+                token_loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                                  targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            else:
+                token_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="none")
+            token_loss = token_loss.view(targets.shape)
             n = (targets != IGNORE_INDEX).sum()
             ce = token_loss.sum() / n
             loss = ce + self.config.router_aux_loss_coef * aux

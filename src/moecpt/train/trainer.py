@@ -266,7 +266,8 @@ class Trainer:
             inputs, targets = b["tokens"][:, :-1], b["tokens"][:, 1:]
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                out = self.model(inputs, targets=targets, **self._doc_kwargs(b))
+                # loss_only: the LM head and cross-entropy run in chunks, never holding [B, T, vocab] logits.
+                out = self.model(inputs, targets=targets, loss_only=True, **self._doc_kwargs(b))
             ce_sum = out.token_loss.sum()
             # Gradients are averaged over ranks by data parallelism: scale the CE sum so the average is the
             # global-batch mean; the auxiliary losses are already means.

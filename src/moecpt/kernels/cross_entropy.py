@@ -1,0 +1,91 @@
+"""LM head + cross-entropy without the full [tokens, vocab] logits: the training loss of a large vocabulary.
+
+`linear_cross_entropy_reference` is the plain computation the model's forward does with logits (the head's
+matmul, logits upcast to fp32, `F.cross_entropy` per token). `linear_cross_entropy` gives the same per-token
+losses and the same gradients, but runs the head and the loss over `chunk_tokens` tokens at a time and keeps
+no logits for backward: backward recomputes each chunk's logits (one extra head matmul forward, about 3% of a
+bench-1b step) and frees them before the next chunk. At bench-1b (16,384 tokens x 32,000 pieces) the plain
+path holds ~5 GiB of logits and their gradients at once; the chunked one ~0.8 GiB at 2,048 tokens a chunk.
+
+Autocast is honoured the way `nn.Linear` under autocast does it: the head runs in the autocast dtype, the loss
+in fp32. The weight is used as a plain tensor, so this works with the LM head inside an FSDP2 unit that is
+gathered for the forward (moecpt's root unit); a weight that is still a sharded DTensor falls back to the
+plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_TOKENS = 2048  # tokens per chunk: [2048, 32000] fp32 logits are 250 MiB
+
+
+def linear_cross_entropy_reference(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor,
+                                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-token fp32 cross-entropy of `hidden @ weight.T` against `targets` (0 where ignored), all at once."""
+    logits_NV = F.linear(hidden_NH, weight_VH)
+    return F.cross_entropy(logits_NV.float(), targets_N, ignore_index=ignore_index, reduction="none")
+
+
+def _chunk_loss(h_CH: torch.Tensor, w_VH: torch.Tensor, t_C: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h_CH, w_VH).float(), t_C, ignore_index=ignore_index, reduction="none")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Inputs arrive already in the compute dtype; autocast is off inside (the caller did its casts)."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, targets_N, chunk_tokens: int, ignore_index: int):
+        loss_N = torch.empty(targets_N.shape, dtype=torch.float32, device=hidden_NH.device)
+        with torch.no_grad():
+            for s in range(0, hidden_NH.shape[0], chunk_tokens):
+                e = s + chunk_tokens
+                loss_N[s:e] = _chunk_loss(hidden_NH[s:e], weight_VH, targets_N[s:e], ignore_index)
+        ctx.save_for_backward(hidden_NH, weight_VH, targets_N)
+        ctx.chunk_tokens, ctx.ignore_index = chunk_tokens, ignore_index
+        return loss_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        hidden_NH, weight_VH, targets_N = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(hidden_NH) if need_h else None
+        grad_w = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+        w = weight_VH.detach().requires_grad_(need_w)
+        for s in range(0, hidden_NH.shape[0], ctx.chunk_tokens):
+            e = s + ctx.chunk_tokens
+            h = hidden_NH[s:e].detach().requires_grad_(need_h)
+            with torch.enable_grad(), torch.autocast(hidden_NH.device.type, enabled=False):
+                loss = _chunk_loss(h, w, targets_N[s:e], ctx.ignore_index)
+            inputs = [x for x, need in ((h, need_h), (w, need_w)) if need]
+            grads = list(torch.autograd.grad(loss, inputs, grad_N[s:e]))
+            if need_h:
+                grad_h[s:e] = grads.pop(0)
+            if need_w:
+                grad_w += grads.pop(0)  # summed in fp32 over chunks, rounded to the weight's dtype once
+        return grad_h, grad_w.to(weight_VH.dtype) if need_w else None, None, None, None
+
+
+def linear_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor,
+                         chunk_tokens: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-token fp32 cross-entropy of `hidden @ weight.T` against `targets` (0 where ignored), computed
+    `chunk_tokens` (default `CHUNK_TOKENS`) tokens at a time in forward and again in backward; never holds
+    all the logits."""
+    from torch.distributed.tensor import DTensor
+
+    if chunk_tokens is None:
+        chunk_tokens = CHUNK_TOKENS
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if isinstance(weight_VH, DTensor):
+        return linear_cross_entropy_reference(hidden_NH, weight_VH, targets_N, ignore_index)
+    device_type = hidden_NH.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_NH, weight_VH = hidden_NH.to(dtype), weight_VH.to(dtype)
+    elif hidden_NH.dtype != weight_VH.dtype:
+        raise TypeError(f"hidden is {hidden_NH.dtype} but the weight is {weight_VH.dtype} (outside autocast)")
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(hidden_NH, weight_VH, targets_N, chunk_tokens, ignore_index)
