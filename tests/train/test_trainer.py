@@ -295,3 +295,33 @@ def test_the_shipped_tiny_config_trains_on_the_shared_corpora(shared_data, tmp_p
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if "loss" in r] == [2]
     assert {"loss/ja", "loss/en", "loss/code"} <= set(records[0])
+
+
+def test_resume_refuses_a_model_of_another_shape(tiny_config):
+    train(tiny_config("--training.steps=2"))
+    with pytest.raises(UserError, match="num_hidden_layers 2 in the checkpoint, 1 in the config"):
+        Trainer(tiny_config("--training.steps=4", "--model.overrides.num_hidden_layers=1"))
+    # A loss coefficient is not a shape: it may change on resume.
+    assert Trainer(tiny_config("--training.steps=4", "--model.overrides.router_aux_loss_coef=0.05")).step == 2
+
+
+def test_resuming_from_an_earlier_checkpoint_abandons_the_later_ones(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config("--training.steps=8"))  # checkpoints at steps 4 and 8
+    early = run / "checkpoints" / "step_00000004"
+    train(tiny_config(f"--resume={early}", "--training.steps=6"))
+    assert ckpt_lib.latest_checkpoint(run / "checkpoints").name == "step_00000006"
+    assert (run / "checkpoints" / "abandoned" / "step_00000008" / "COMPLETE").is_file()  # kept, out of the way
+    t = Trainer(tiny_config("--training.steps=7"))  # resume = auto
+    assert t.step == 6
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_validation_runs_at_its_own_interval(tiny_config, tmp_path):
+    train(tiny_config("--training.steps=5", "--logging.interval=2", "--logging.val_interval=3"))
+    records = read_metrics(tmp_path / "run")
+    with_val = [r["step"] for r in records if "val_bpb/ja" in r]
+    assert with_val == [3, 5]  # step 3 (its own record) and the end of the run
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 5]
+    with pytest.raises(UserError, match="training.max_nonfinite_in_a_row must be >= 1"):
+        tiny_config("--training.max_nonfinite_in_a_row=0")

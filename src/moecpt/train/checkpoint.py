@@ -161,6 +161,21 @@ def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
     set_model_state_dict(model, model_sd)  # plain or sharded (FSDP / expert-parallel) model alike
 
 
+def set_aside_later(ckpt_root: Path, step: int) -> list[Path]:
+    """Move complete checkpoints after `step` into `ckpt_root/abandoned/` (not deleted: they are the user's),
+    so that a run resumed from an earlier checkpoint is not later resumed from the run it abandoned."""
+    moved = []
+    for s, d in list_checkpoints(ckpt_root):
+        if s > step:
+            dest = ckpt_root / "abandoned" / d.name
+            dest.parent.mkdir(exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(d, dest)
+            moved.append(dest)
+    return moved
+
+
 def prune_checkpoints(ckpt_root: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th step."""
     if _rank() != 0:

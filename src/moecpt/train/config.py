@@ -150,6 +150,8 @@ class TrainConfig:
             (self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
             (self.logging.interval > 0, "logging.interval", "must be positive"),
+            (self.logging.val_interval >= 0, "logging.val_interval", "must be >= 0 (0: validate only at the end)"),
+            (t.max_nonfinite_in_a_row >= 1, "training.max_nonfinite_in_a_row", "must be >= 1"),
             (self.parallel.expert_parallel >= 1, "parallel.expert_parallel", "must be >= 1"),
             (self.parallel.backend in ("auto", "nccl", "gloo"), "parallel.backend", "must be auto, nccl or gloo"),
             (self.parallel.timeout_s > 0, "parallel.timeout_s", "must be positive"),

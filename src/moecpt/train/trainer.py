@@ -76,6 +76,11 @@ def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / ckpt_lib.COMPLETE).is_file()
 
 
+# The fields that change a model's parameters (the others, such as loss coefficients, may change between runs).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings")
+
+
 def model_config(cfg: TrainConfig) -> MixtralConfig:
     """The model's shape: from init_from's config.json, or the preset with overrides."""
     overrides = dict(cfg.model.overrides)
@@ -93,9 +98,7 @@ def model_config(cfg: TrainConfig) -> MixtralConfig:
         else:
             raise UserError(f"init_from = {cfg.init_from!r} is neither a Hugging Face directory (config.json) nor "
                             "a complete moecpt checkpoint")
-        shape = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings"}
-        bad = sorted(k for k in set(overrides) & shape if overrides[k] != getattr(base, k))
+        bad = sorted(k for k in set(overrides) & set(SHAPE_FIELDS) if overrides[k] != getattr(base, k))
         if bad:
             raise UserError(f"config: model.overrides {', '.join(f'{k}={overrides[k]}' for k in bad)} would change "
                             f"the shape of the init_from model ({src}); remove them")
@@ -217,6 +220,12 @@ class Trainer:
     def _start(self) -> str:
         target = self._resume_target()
         if target is not None:
+            self._check_same_model(target)
+            if self.is_main:  # resuming before the latest checkpoint abandons the later ones: move them aside
+                for d in ckpt_lib.set_aside_later(self.ckpt_root, ckpt_lib.read_trainer_state(target)["step"]):
+                    console(f"moved {d.name} to {d.parent}: it follows the checkpoint this run resumes from")
+            if self.world > 1:
+                dist.barrier()
             state = ckpt_lib.load_checkpoint(target, self.model, self.optimizer)
             self.loader.load_state_dict(state["data"], new_stage=self.cfg.data.new_stage)
             self.step = state["step"]
@@ -236,6 +245,15 @@ class Trainer:
                 ckpt_lib.load_model_weights(src, self.model)
             return f"initialised from {src} (weights only: fresh optimizer, schedule and data)"
         return f"random initialisation of preset {self.cfg.model.preset!r} (seed {self.cfg.training.seed})"
+
+    def _check_same_model(self, ckpt: Path) -> None:
+        saved = ckpt_lib.read_trainer_state(ckpt).get("model_config", {})
+        diffs = [f"{k} {saved[k]} in the checkpoint, {getattr(self.model_config, k)} in the config"
+                 for k in SHAPE_FIELDS if k in saved and saved[k] != getattr(self.model_config, k)]
+        if diffs:
+            raise UserError(f"cannot resume from {ckpt}: its model has another shape ({'; '.join(diffs)}). Resume with "
+                            "the run's model settings, or start a new run_dir with init_from pointing at the "
+                            "checkpoint")
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -464,7 +482,14 @@ class Trainer:
                 if record["spike"]:
                     console(f"step {self.step}: loss spike {record['loss']:.3f} (running mean {self.loss_ema:.3f})")
                 is_last = self.step == cfg.training.steps
-                if self.step % cfg.logging.interval == 0 or is_last:
+                is_log = self.step % cfg.logging.interval == 0 or is_last
+                if cfg.logging.val_interval and self.step % cfg.logging.val_interval == 0 and not is_last:
+                    val = self.validate()
+                    if is_log:
+                        record.update(val)  # one record for the step
+                    elif val:
+                        metrics.log({"step": self.step, **val})
+                if is_log:
                     tps, eta = pace.report(self.step, tokens_since, cfg.training.steps)
                     tokens_since = 0
                     record["tokens_per_s"] = tps
@@ -473,8 +498,6 @@ class Trainer:
                         record["mfu"] = record["model_tflops"] / (self.peak_tflops * self.world)
                     if self.device.type == "cuda":
                         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    if cfg.logging.val_interval and self.step % cfg.logging.val_interval == 0 and not is_last:
-                        record.update(self.validate())
                     metrics.log(record)
                     if self.is_main:
                         console(self._line(record, eta))
