@@ -8,9 +8,8 @@ bench-1b step) and frees them before the next chunk. At bench-1b (16,384 tokens 
 path holds ~5 GiB of logits and their gradients at once; the chunked one ~0.8 GiB at 2,048 tokens a chunk.
 
 Autocast is honoured the way `nn.Linear` under autocast does it: the head runs in the autocast dtype, the loss
-in fp32. The weight is used as a plain tensor, so this works with the LM head inside an FSDP2 unit that is
-gathered for the forward (moecpt's root unit); a weight that is still a sharded DTensor falls back to the
-plain path.
+in fp32. The weight is used as a plain tensor: with FSDP2 the LM head must belong to a unit that is gathered
+during the forward (moecpt's root unit, which also keeps it gathered for backward), not to a unit of its own.
 """
 
 from __future__ import annotations
@@ -80,7 +79,8 @@ def linear_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if isinstance(weight_VH, DTensor):
-        return linear_cross_entropy_reference(hidden_NH, weight_VH, targets_N, ignore_index)
+        raise TypeError("the LM head weight is a sharded DTensor: call this where its FSDP unit has gathered it "
+                        "(moecpt shards the head with the root unit, gathered for the whole forward)")
     device_type = hidden_NH.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
