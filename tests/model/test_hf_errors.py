@@ -113,3 +113,11 @@ def test_resaving_to_fewer_shards_removes_stale_ones(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     moecpt.from_pretrained(tmp_path / "out")
+
+
+def test_saved_weights_are_readable_like_the_other_files(tmp_path):
+    make_hf_model(tmp_path / "src")
+    moecpt.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "out")
+    weights = (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777
+    config = (tmp_path / "out" / "config.json").stat().st_mode & 0o777
+    assert weights == config

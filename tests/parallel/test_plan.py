@@ -87,3 +87,13 @@ def test_plan_command_errors(capsys):
     assert main(["plan", "--gpus", "2", "--gpu-memory", "lots", "--config", str(REPO / "configs" / "tiny.toml")]) == 2
     assert "--gpu-memory 'lots'" in capsys.readouterr().err
     assert parse_memory("80GB") == 80e9 and parse_memory("80GiB") == 80 * 2**30
+
+
+def test_plan_says_when_the_global_batch_does_not_split_over_the_gpus(capsys):
+    from moecpt.cli import main
+
+    from .conftest import REPO
+
+    assert main(["plan", "--config", str(REPO / "configs" / "swallow-mx-8x7b.toml"), "--gpus", "96",
+                 "--gpu-memory", "80GB"]) == 0
+    assert "does not split evenly over 96 GPUs" in capsys.readouterr().out

@@ -145,7 +145,9 @@ def test_a_training_stage_run_outside_is_picked_up(tmp_path, capsys):
     argv = ["run", "--run-dir", str(run), *TINY, "--base.training.steps=3", "--cpt.training.steps=3",
             "--eval.data_dir=none", "--eval.limit=2"]
     assert main([*argv, "--print-config", "base"]) == 0
-    (tmp_path / "base.toml").write_text(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    assert "wrote the built-in corpora" in printed.err  # printing a config that trains on them makes them
+    (tmp_path / "base.toml").write_text(printed.out)
     train(load_config(tmp_path / "base.toml"))  # as torchrun -m moecpt.train would
     ckpt = run / "base" / "checkpoints" / "step_00000003"
     stamp = (ckpt / "COMPLETE").stat().st_mtime_ns
@@ -153,3 +155,10 @@ def test_a_training_stage_run_outside_is_picked_up(tmp_path, capsys):
     assert (ckpt / "COMPLETE").stat().st_mtime_ns == stamp  # the finished run was reused, not redone
     base_steps = [json.loads(line)["step"] for line in (run / "base" / "metrics.jsonl").read_text().splitlines()]
     assert base_steps.count(3) == 2  # one training record and one validation record for step 3, no more
+
+
+def test_rerun_from_the_run_directorys_own_recipe_copy(tmp_path):
+    run = tmp_path / "r"
+    argv = [*TINY, "--base.training.steps=2", "--cpt.training.steps=2", "--eval.data_dir=none", "--eval.limit=1"]
+    assert main(["run", "--run-dir", str(run), *argv]) == 0
+    assert main(["run", str(run / "recipe.toml"), "--run-dir", str(run), *argv]) == 0

@@ -135,7 +135,7 @@ class MixtureLoader:
                 "the data loader state was saved for a different data stream: "
                 + "; ".join(changes)
                 + ". Resume with the original data settings, or start a new data stage at this point "
-                "(new_stage=True / --new-data-stage) to train on the new mixture from here"
+                "(new_stage=True; in a training config data.new_stage = true) to train on the new mixture from here"
             )
         stages = [
             *saved.stages,

@@ -352,7 +352,7 @@ class MixtureDataset:
         if not self.allow_repeat:
             raise DataExhaustedError(
                 f"corpus {name!r} is exhausted at global sample {index}: its {per_epoch} samples were all used and "
-                "repeats are not allowed (allow_repeat=False / --no-repeat). Add data, lower its weight or train "
+                "repeats are not allowed (allow_repeat=False: data.allow_repeat = false in training, --no-repeat in moecpt data). Add data, lower its weight or train "
                 "for fewer samples"
             )
         if (c, epoch) not in self._logged_epochs:

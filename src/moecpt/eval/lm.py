@@ -106,7 +106,8 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "auto"):
 
 def model_identity(path: str | Path) -> dict[str, Any]:
     """What identifies the evaluated weights, for resuming: the resolved directory (a run directory resolves
-    to its latest checkpoint) with the sizes of its files, and the hash of config.json if any."""
+    to its latest checkpoint) with the size and modification time of its files (weights re-exported into the
+    same directory are another model), and the hash of config.json if any."""
     path = Path(path).resolve()
     if _is_trainer_checkpoint(path):
         path = trainer_checkpoint(path) or path
@@ -114,7 +115,7 @@ def model_identity(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(path),
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
-        "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()},
+        "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.iterdir()) if p.is_file()},
     }
 
 

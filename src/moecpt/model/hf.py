@@ -12,6 +12,7 @@ the load fails with the full list of missing, unexpected and mis-shaped keys. Sa
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,6 +234,12 @@ def hf_state_dict(model: MixtralForCausalLM) -> dict[str, torch.Tensor]:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5 * 10**9 bytes (decimal units, as Hugging Face uses); also KB, MB, GiB, MiB, plain ints."""
     if isinstance(size, int):
@@ -272,6 +279,7 @@ def save_pretrained(model: MixtralForCausalLM, out_dir: str | Path, max_shard_si
         # Expert tensors are views into the stacked weights: copy them (one shard at a time) before writing.
         shard = {k: v.detach().to("cpu", dtype=out_dtype).clone() for k, v in shard.items()}
         save_file(shard, str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~_umask())  # safetensors writes owner-only files; others may need to read the model
 
     if len(shards) == 1:
         write(shards[0], out_dir / SINGLE_FILE)

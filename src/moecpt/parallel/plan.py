@@ -210,6 +210,9 @@ def format_plan(c: MixtralConfig, plans: list[MemoryPlan], seq_len: int, global_
                       f"--parallel.reshard_after_forward={str(lay.reshard_after_forward).lower()} "
                       f"--parallel.activation_checkpointing={str(lay.activation_checkpointing).lower()} "
                       f"--training.micro_batch={best_micro_batch(best, global_batch)}"]
+    elif global_batch % n:
+        lines += ["", f"no layout: the global batch ({global_batch} sequences) does not split evenly over {n} GPUs; "
+                      "choose a GPU count that divides it, or another training.global_batch"]
     else:
         lines += ["", "no layout fits: use more GPUs, or a shorter seq_len"]
     return "\n".join(lines)

@@ -152,15 +152,22 @@ def _write(path: Path, texts: list[str]) -> None:
     tmp.replace(path)
 
 
+BUILTIN = ("ja", "en", "code", "math")
+
+
+def builtin_paths(out_dir: str | Path) -> dict[str, Path]:
+    """Where `write_builtin_corpora` puts each corpus and its held-out file (nothing is written)."""
+    out = Path(out_dir)
+    return {n: out / f"{n}.jsonl" for n in BUILTIN} | {f"{n}_heldout": out / f"{n}_heldout.jsonl" for n in BUILTIN}
+
+
 def write_builtin_corpora(out_dir: str | Path, seed: int = 0, ja_docs: int = 4000, math_docs: int = 3000,
                           heldout_docs: int = 60) -> dict[str, Path]:
     """Write `{ja,en,code,math}.jsonl` and `{ja,en,code,math}_heldout.jsonl` into `out_dir` (skipped when present)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = ["ja", "en", "code", "math"]
-    paths = {n: out / f"{n}.jsonl" for n in names} | {f"{n}_heldout": out / f"{n}_heldout.jsonl" for n in names}
+    paths = builtin_paths(out_dir)
     if all(p.is_file() for p in paths.values()):
         return paths
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
 
     def stream(label: str) -> random.Random:
         return random.Random(f"{seed}-{label}")

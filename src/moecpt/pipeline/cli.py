@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("--run-dir", help="where everything goes (default: the recipe's run_dir)")
     p.add_argument("--print-config", choices=["base", "cpt"], metavar="STAGE",
                    help="print the `moecpt train` config of a training stage (base or cpt) and exit, e.g. to "
-                        "launch that stage under torchrun or Slurm")
+                        "launch that stage under torchrun or Slurm (built-in corpora it names are generated)")
     p.set_defaults(func=_run, accepts_overrides=True)
 
 

@@ -51,7 +51,9 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.recipe.source, self.run_dir / "recipe.toml")
+        copy = self.run_dir / "recipe.toml"
+        if not (copy.exists() and copy.samefile(self.recipe.source)):  # rerun from the run directory's own copy
+            shutil.copyfile(self.recipe.source, copy)
         say(f"recipe {self.recipe.name!r} ({self.recipe.source}) -> {self.run_dir}")
         for stage in STAGES:
             if stage == "base" and self.recipe.base is None:
@@ -69,17 +71,18 @@ class Pipeline:
         return json.loads((self.run_dir / "summary.json").read_text())
 
     # ---- stages -------------------------------------------------------------------------------------------
-    def resolved_corpora(self) -> dict[str, list[str]]:
-        """Corpus sources with `builtin:NAME` replaced by the generated files."""
-        from moecpt.pipeline.builtin import write_builtin_corpora
+    def resolved_corpora(self, write: bool = True) -> dict[str, list[str]]:
+        """Corpus sources with `builtin:NAME` replaced by the generated files (made first if `write`)."""
+        from moecpt.pipeline.builtin import builtin_paths, write_builtin_corpora
 
         out: dict[str, list[str]] = {}
         builtin: dict[str, Path] | None = None
+        make = write_builtin_corpora if write else builtin_paths
         for name, sources in self.recipe.corpora.items():
             out[name] = []
             for s in sources:
                 if s.startswith("builtin:"):
-                    builtin = builtin or write_builtin_corpora(self.run_dir / "corpus")
+                    builtin = builtin or make(self.run_dir / "corpus")
                     key = s.removeprefix("builtin:")
                     if key not in builtin:
                         raise UserError(f"{self.recipe.source}: [corpora] {name}: unknown {s!r}; built-in corpora are "
@@ -229,7 +232,13 @@ def print_stage_config(recipe: Recipe, stage: str) -> str:
             init = str(recipe.run_dir / "base" / "hf")
     else:
         init = recipe.base.get("init_from", "")
-    return to_toml(recipe.stage_config(stage, pipe.resolved_corpora(), init_from=init))
+    planned = pipe.resolved_corpora(write=False)
+    missing = sorted({f for files in planned.values() for f in files if f.startswith(str(recipe.run_dir / "corpus"))
+                      and not Path(f).is_file()})
+    corpora = pipe.resolved_corpora()  # the stage trains on them: make the built-in corpora it names
+    if missing:
+        print(f"wrote the built-in corpora the config names into {recipe.run_dir / 'corpus'}", file=sys.stderr)
+    return to_toml(recipe.stage_config(stage, corpora, init_from=init))
 
 
 def run_recipe(recipe: Recipe) -> dict[str, Any]:
