@@ -124,3 +124,21 @@ def test_remaining_tasks_end_to_end(tmp_path, eval_data, tiny_model_dir, capsys)
     assert all(0.0 <= r["score"] <= 1.0 for r in results["tasks"].values())
     assert results["average_en"] == results["tasks"]["gsm8k"]["score"]
     assert "| GSM8K | En avg |" in stdout
+
+
+def test_weights_reexported_into_the_same_directory_are_another_model(tmp_path, eval_data, capsys):
+    import torch
+
+    from moecpt.model.config import MixtralConfig
+    from moecpt.model.mixtral import MixtralForCausalLM
+
+    model_dir = tmp_path / "hf"
+    torch.manual_seed(1)
+    MixtralForCausalLM(MixtralConfig.from_preset("tiny")).save_pretrained(model_dir)
+    args = ["--model", model_dir, "--tasks", "jcom", "--data-dir", eval_data, "--output", tmp_path / "ev",
+            "--limit", 1, "--heldout", "none"]
+    assert _run(capsys, *args)[0] == 0
+    torch.manual_seed(2)  # retrained weights of the same shape, exported to the same place
+    MixtralForCausalLM(MixtralConfig.from_preset("tiny")).save_pretrained(model_dir)
+    rc, _, err = _run(capsys, *args)
+    assert rc == 2 and "holds predictions of a different run (model differ)" in err
