@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moecpt.model.config import MixtralConfig
-from moecpt.model.mixtral import MixtralForCausalLM
 from moecpt.train import checkpoint as ckpt_lib
 from moecpt.train.metrics import read_metrics
 from moecpt.train.trainer import train
@@ -39,10 +37,7 @@ def trace(run_dir: Path) -> dict[int, tuple[float, float, float]]:
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = ckpt_lib.read_trainer_state(ckpt)
-    model = MixtralForCausalLM(MixtralConfig(**state["model_config"]))
-    ckpt_lib.load_model_weights(ckpt, model)
-    return model.state_dict()
+    return ckpt_lib.load_model(ckpt).state_dict()
 
 
 def assert_same_run(run: Path, ref: Path, steps: list[int]) -> None:

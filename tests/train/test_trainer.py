@@ -29,14 +29,7 @@ def losses(run_dir) -> list[tuple[int, float]]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from moecpt.model.config import MixtralConfig
-    from moecpt.model.mixtral import MixtralForCausalLM
-
-    ckpt = ckpt_lib.latest_checkpoint(Path(run_dir) / "checkpoints")
-    state = ckpt_lib.read_trainer_state(ckpt)
-    model = MixtralForCausalLM(MixtralConfig(**state["model_config"]))
-    ckpt_lib.load_model_weights(ckpt, model)
-    return model.state_dict()
+    return ckpt_lib.load_model(ckpt_lib.find_checkpoint(run_dir)).state_dict()
 
 
 def test_same_seed_gives_the_same_loss_trace(tiny_config, tmp_path):

@@ -36,32 +36,17 @@ class Request:
     bos: bool = True
 
 
-def trainer_checkpoint(path: Path) -> Path | None:
-    """The moecpt trainer checkpoint `path` names: itself when complete, or a run directory's latest one."""
-    from moecpt.train.checkpoint import COMPLETE, latest_checkpoint
-
-    if (path / COMPLETE).is_file():
-        return path
-    if (path / "checkpoints").is_dir():
-        return latest_checkpoint(path / "checkpoints")
-    return None
-
-
 def _is_trainer_checkpoint(path: Path) -> bool:
     return (path / "COMPLETE").is_file() or (path / "checkpoints").is_dir()
 
 
 def _load_trainer_checkpoint(path: Path, dtype: Any, device: str):
-    from moecpt.model.config import MixtralConfig
-    from moecpt.model.mixtral import MixtralForCausalLM
-    from moecpt.train.checkpoint import load_model_weights, read_trainer_state
+    from moecpt.train.checkpoint import find_checkpoint, load_model
 
-    ckpt = trainer_checkpoint(path)
+    ckpt = find_checkpoint(path)
     if ckpt is None:
         raise UserError(f"--model {path}: a run directory without a complete checkpoint under checkpoints/")
-    model = MixtralForCausalLM(MixtralConfig(**read_trainer_state(ckpt)["model_config"]))
-    load_model_weights(ckpt, model)
-    return model.to(device=device, dtype=dtype)
+    return load_model(ckpt).to(device=device, dtype=dtype)
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -110,7 +95,9 @@ def model_identity(path: str | Path) -> dict[str, Any]:
     same directory are another model), and the hash of config.json if any."""
     path = Path(path).resolve()
     if _is_trainer_checkpoint(path):
-        path = trainer_checkpoint(path) or path
+        from moecpt.train.checkpoint import find_checkpoint
+
+        path = find_checkpoint(path) or path
     config = path / "config.json"
     return {
         "path": str(path),
@@ -130,9 +117,9 @@ def load_eval_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
     if any((model_dir / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         return load_tokenizer(model_dir)
     if _is_trainer_checkpoint(model_dir):
-        from moecpt.train.checkpoint import read_trainer_state
+        from moecpt.train.checkpoint import find_checkpoint, read_trainer_state
 
-        ckpt = trainer_checkpoint(model_dir)
+        ckpt = find_checkpoint(model_dir)
         used = read_trainer_state(ckpt).get("tokenizer") if ckpt is not None else None
         if used and Path(used).is_file():
             return load_tokenizer(used)

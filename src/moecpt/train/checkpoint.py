@@ -151,6 +151,24 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return state
 
 
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint `path` names: itself when complete, or a run directory's latest one (None: neither)."""
+    path = Path(path)
+    if (path / COMPLETE).is_file():
+        return path
+    return latest_checkpoint(path / "checkpoints")
+
+
+def load_model(ckpt: Path) -> torch.nn.Module:
+    """The model a checkpoint holds, built from its saved config (fp32, on the CPU)."""
+    from moecpt.model.config import MixtralConfig
+    from moecpt.model.mixtral import MixtralForCausalLM
+
+    model = MixtralForCausalLM(MixtralConfig(**read_trainer_state(ckpt)["model_config"]))
+    load_model_weights(ckpt, model)
+    return model
+
+
 def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Only the model weights of a checkpoint (for init_from and export)."""
     if not (ckpt / COMPLETE).is_file():

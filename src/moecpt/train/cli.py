@@ -38,29 +38,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if result["reason"] in ("finished",) or result["reason"].startswith("signal") else 1
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    from moecpt.train.checkpoint import COMPLETE, latest_checkpoint
-
-    if (path / COMPLETE).is_file():
-        return path
-    latest = latest_checkpoint(path / "checkpoints")
-    if latest is None:
-        raise UserError(f"{path}: neither a complete checkpoint nor a run directory with checkpoints/")
-    return latest
-
-
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from moecpt.model.config import MixtralConfig
-    from moecpt.model.mixtral import MixtralForCausalLM
-    from moecpt.train.checkpoint import load_model_weights, read_trainer_state
+    from moecpt.train.checkpoint import find_checkpoint, load_model, read_trainer_state
     from moecpt.train.trainer import export_hf
 
-    ckpt = resolve_checkpoint(Path(args.checkpoint))
+    ckpt = find_checkpoint(Path(args.checkpoint))
+    if ckpt is None:
+        raise UserError(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with checkpoints/")
     state = read_trainer_state(ckpt)
-    model = MixtralForCausalLM(MixtralConfig(**state["model_config"]))
-    load_model_weights(ckpt, model)
+    model = load_model(ckpt)
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
     tok = state.get("tokenizer")
