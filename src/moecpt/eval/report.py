@@ -30,6 +30,33 @@ def _score(run: dict[str, Any], task: str) -> float | None:
     return None if entry is None else entry["score"]
 
 
+def _value(run: dict[str, Any], key: str) -> float | None:
+    """A task's score, or the "average" / "average_en" of a run."""
+    return run.get(key) if key in ("average", "average_en") else _score(run, key)
+
+
+def score_table(cols: list[str], runs: list[tuple[str, dict[str, Any]]],
+                difference: tuple[str, dict[str, Any], dict[str, Any]] | None = None) -> list[str]:
+    """The Swallow-MX layout: a row per (label, results), a column per task in `cols` (Japanese tasks, their
+    average, then English ones and theirs); `difference` = (label, a, b) adds a row of a - b."""
+    ja = [c for c in cols if T.TASKS[c].lang == "ja"]
+    en = [c for c in cols if T.TASKS[c].lang == "en"]
+    keys = ja + (["average"] if ja else []) + en + (["average_en"] if en else [])
+    titles = {"average": "Ja avg", "average_en": "En avg"}
+    head = ["Model"] + [titles.get(k) or T.TASKS[k].title for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, run in runs:
+        lines.append("| " + " | ".join([label] + [_fmt(_value(run, k)) for k in keys]) + " |")
+    if difference is not None:
+        label, a, b = difference
+        cells = []
+        for k in keys:
+            x, y = _value(a, k), _value(b, k)
+            cells.append("n/a" if x is None or y is None else f"{x - y:+.4f}")
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return lines
+
+
 def markdown(results: dict[str, Any], compare: dict[str, Any] | None = None) -> str:
     """The Swallow-MX table (one row per model, one column per task, then the Japanese average), held-out
     bits per byte, and, with `compare`, a per-task comparison (this model, the other one, difference)."""
@@ -37,19 +64,7 @@ def markdown(results: dict[str, Any], compare: dict[str, Any] | None = None) -> 
     runs = [(compare.get("name", "compare"), compare)] if compare else []
     runs.append((name, results))
     cols = _columns(*(r for _, r in runs))
-    ja_cols = [c for c in cols if T.TASKS[c].lang == "ja"]
-    en_cols = [c for c in cols if T.TASKS[c].lang == "en"]
-    head = ["Model"] + [T.TASKS[c].title for c in ja_cols] + (["Ja avg"] if ja_cols else [])
-    head += [T.TASKS[c].title for c in en_cols] + (["En avg"] if en_cols else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, run in runs:
-        row = [label] + [_fmt(_score(run, c)) for c in ja_cols]
-        if ja_cols:
-            row.append(_fmt(run.get("average")))
-        row += [_fmt(_score(run, c)) for c in en_cols]
-        if en_cols:
-            row.append(_fmt(run.get("average_en")))
-        lines.append("| " + " | ".join(row) + " |")
+    lines = score_table(cols, runs)
     out = [f"# Evaluation: {name}", "", f"Protocol `{results.get('protocol')}`"
            + (f", first {results['limit']} items per task" if results.get("limit") else "") + ".", "", *lines]
 

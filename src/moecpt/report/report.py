@@ -68,37 +68,14 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def _eval_table(base: dict[str, Any], cpt: dict[str, Any]) -> list[str]:
     from moecpt.eval import tasks as T
+    from moecpt.eval.report import score_table
 
     names = [n for n in T.ALL_TASKS if n in base.get("tasks", {}) or n in cpt.get("tasks", {})]
     if not names:
         skipped = cpt.get("skipped", {})
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) if skipped else "no task was selected"
         return [f"No benchmark task ran ({why})."]
-    ja = [n for n in names if T.TASKS[n].lang == "ja"]
-    en = [n for n in names if T.TASKS[n].lang == "en"]
-    head = ["Model", *[T.TASKS[n].title for n in ja], *(["Ja avg"] if ja else []), *[T.TASKS[n].title for n in en],
-            *(["En avg"] if en else [])]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def row(label: str, r: dict[str, Any], delta_of: dict[str, Any] | None = None) -> str:
-        def val(x, y):
-            if delta_of is None:
-                return _fmt(x)
-            return "n/a" if x is None or y is None else f"{x - y:+.4f}"
-
-        def score(run, n):
-            return run.get("tasks", {}).get(n, {}).get("score")
-
-        other = delta_of or {}
-        cells = [label] + [val(score(r, n), score(other, n)) for n in ja]
-        if ja:
-            cells.append(val(r.get("average"), other.get("average")))
-        cells += [val(score(r, n), score(other, n)) for n in en]
-        if en:
-            cells.append(val(r.get("average_en"), other.get("average_en")))
-        return "| " + " | ".join(cells) + " |"
-
-    lines += [row("base", base), row("continually pre-trained", cpt), row("difference", cpt, delta_of=base)]
+    lines = score_table(names, [("base", base), ("continually pre-trained", cpt)], ("difference", cpt, base))
     limit = cpt.get("limit")
     if limit:
         lines.append("")
