@@ -11,6 +11,8 @@ import pytest
 
 from moecpt.train.config import load_config
 
+from ..tiny_config import tiny_config_toml, tiny_corpora
+
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 240  # seconds for one multi-process run; a hang fails the test instead of blocking CI
 
@@ -30,51 +32,15 @@ def torchrun(nproc: int, args: list[str], timeout: float = RUN_TIMEOUT) -> subpr
     return proc
 
 
-def toml_list(items: list[str]) -> str:
-    return "[" + ", ".join(f'"{x}"' for x in items) + "]"
-
-
 @pytest.fixture(scope="module")
 def parallel_config(tmp_path_factory, shared_data) -> Path:
-    """A tiny model (4 experts) on two real corpora: 4 steps of 4 sequences, micro-batch 1 (so that the
+    """The tiny config (tests/tiny_config.py): 4 steps of 4 sequences, micro-batch 1 (so that the
     load-balancing loss, a per-micro-batch mean, is the same whatever the number of ranks), checkpoints at
     steps 2 and 4."""
     root = tmp_path_factory.mktemp("parallel")
-    c = shared_data / "corpus"
-    text = f"""
-run_dir = "{root / 'run'}"
-resume = "never"
-[model]
-preset = "tiny"
-overrides = {{ hidden_size = 32, intermediate_size = 48, num_attention_heads = 4, num_key_value_heads = 2 }}
-[data]
-mixture = "0.7 ja 0.3 en"
-seq_len = 32
-cache_dir = "{root / 'shards'}"
-valid_fraction = 0.05
-valid_max_documents = 8
-[data.corpora]
-ja = {toml_list([str(c / "ja" / "aozora_akutagawa.jsonl")])}
-en = {toml_list([str(c / "en" / "tinyshakespeare.jsonl")])}
-[optimizer]
-lr = 3e-3
-min_lr = 3e-4
-[schedule]
-warmup_steps = 2
-[training]
-steps = 4
-global_batch = 4
-micro_batch = 1
-seed = 7
-[checkpoint]
-interval = 2
-keep_last = 10
-export_at_end = false
-[logging]
-interval = 1
-progress = false
-val_batches = 1
-"""
+    text = tiny_config_toml(root / "run", root / "shards", tiny_corpora(shared_data), resume="never", changes={
+        "schedule": {"warmup_steps": 2}, "training": {"steps": 4, "micro_batch": 1},
+        "checkpoint": {"interval": 2}, "logging": {"val_batches": 1}})
     path = root / "cfg.toml"
     path.write_text(text)
     return path

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
-from moecpt.train.config import TrainConfig, _build, apply_overrides, read_toml
+from moecpt.train.config import TrainConfig, _build, apply_overrides, config_from_dict, read_toml
 
 DEFAULT_RECIPE = "mini"
 RECIPE_KEYS = {"name", "description", "run_dir", "corpora", "heldout", "train", "base", "cpt", "eval"}
@@ -70,9 +70,7 @@ class Recipe:
         data["mixture"] = mixture
         data["corpora"] = corpora
         data.setdefault("cache_dir", str(self.run_dir / "cache" / "shards"))
-        cfg = _build(TrainConfig, spec, "", f"{self.source} [{stage}]")
-        cfg.validate()
-        return cfg
+        return config_from_dict(spec, f"{self.source} [{stage}]")
 
 
 def builtin_recipe_path(name: str) -> Path:

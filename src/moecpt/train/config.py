@@ -266,7 +266,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     """Read a TOML file (or nothing: the defaults) and apply `section.key=value` overrides."""
     data = read_toml(path) if path is not None else {}
     apply_overrides(data, list(overrides))
-    config = _build(TrainConfig, data, "", str(path) if path is not None else "defaults")
+    return config_from_dict(data, str(path) if path is not None else "defaults")
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> TrainConfig:
+    """A checked `TrainConfig` from a dict of TOML tables; errors name `source` and the key."""
+    config = _build(TrainConfig, data, "", source)
     config.validate()
     return config
 
