@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moecpt.data.loader import MixtureLoader, validation_batches
-from moecpt.data.mixture import MixtureDataset, resolve_mixture
+from moecpt.data.mixture import MixtureDataset, parse_mixture, resolve_mixture
 from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 from moecpt.errors import UserError
 from moecpt.model.config import MixtralConfig
@@ -109,10 +109,8 @@ def model_config(cfg: TrainConfig) -> MixtralConfig:
 def build_dataset(cfg: TrainConfig, tokenizer: Tokenizer) -> MixtureDataset:
     """The mixture, each name resolved through `data.corpora` (JSON Lines sources are tokenized into the cache
     on first use; shard prefixes are used as they are)."""
-    parts = cfg.data.mixture.split()
-    if len(parts) % 2:
-        raise UserError(f"data.mixture {cfg.data.mixture!r}: expected weight and name pairs")
-    spec = [(name, weight, cfg.data.corpora.get(name, [name])) for weight, name in zip(parts[::2], parts[1::2], strict=True)]
+    spec = [(e.name, e.weight, [src for p in e.prefixes for src in cfg.data.corpora.get(p, [p])])
+            for e in parse_mixture(cfg.data.mixture)]
     entries = resolve_mixture(spec, cfg.data.cache_dir, tokenizer=tokenizer.path)
     return MixtureDataset(entries, seq_len=cfg.data.seq_len, seed=cfg.data.seed, allow_repeat=cfg.data.allow_repeat,
                           valid_fraction=cfg.data.valid_fraction, valid_max_documents=cfg.data.valid_max_documents)
