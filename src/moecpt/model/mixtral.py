@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecpt.kernels.cross_entropy import linear_cross_entropy
+from moecpt.kernels.rmsnorm import rms_norm
+from moecpt.kernels.rope import apply_rope
 from moecpt.model.config import MixtralConfig
 from moecpt.model.moe import RouterStats, SparseMoeBlock, load_balancing_loss, router_z_loss
 
@@ -36,15 +38,16 @@ class CausalLMOutput:
 
 
 class RMSNorm(nn.Module):
+    """Normalise in fp32, round to the input dtype, scale (transformers' rule); `fused`: one Triton kernel."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # set by MixtralForCausalLM.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, fused=self.fused)
 
 
 def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +55,7 @@ def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float) -> tup
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device, dtype=torch.float32) / head_dim))
     freqs_BTD = positions_BT.float()[..., None] * inv_freq
     emb = torch.cat((freqs_BTD, freqs_BTD), dim=-1)
-    return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, D]: broadcast over heads
-
-
-def apply_rope(x_BNTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x_BNTD.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x_BNTD.dtype)
+    return emb.cos()[:, :, None], emb.sin()[:, :, None]  # [B, T, 1, D]: broadcast over heads
 
 
 class KVCache:
@@ -89,13 +85,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
+        self.fused_rope = False  # set by MixtralForCausalLM.use_kernels
 
     def forward(self, x_BTH, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x_BTH.shape
-        q = self.q_proj(x_BTH).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTH).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # RoPE in the projections' [B, T, heads, D] layout, then [B, heads, T, D] for SDPA.
+        q = apply_rope(self.q_proj(x_BTH).view(B, T, self.n_heads, self.head_dim), cos, sin, self.fused_rope)
+        k = apply_rope(self.k_proj(x_BTH).view(B, T, self.n_kv, self.head_dim), cos, sin, self.fused_rope)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BTH).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = F.scaled_dot_product_attention(
@@ -128,8 +126,24 @@ class MixtralForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused_loss = False  # the Triton cross-entropy in the chunked loss (use_kernels)
+        self.loss_chunk_tokens: int | None = None  # tokens per chunk of the loss_only path (None: the default)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+
+    def use_kernels(self, fused: bool, loss_chunk_tokens: int | None = None) -> None:
+        """Switch the fused Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) on or off. Each still falls
+        back to its PyTorch reference where Triton cannot run (no Triton, or a CPU without TRITON_INTERPRET).
+        `loss_chunk_tokens`: tokens per chunk of the chunked LM head + loss (None: the kernel's default)."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fused = fused
+            elif isinstance(m, Attention):
+                m.fused_rope = fused
+            elif isinstance(m, SparseMoeBlock):
+                m.experts.fused = fused
+        self.fused_loss = fused
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -205,7 +219,8 @@ class MixtralForCausalLM(nn.Module):
         if targets is not None:
             if loss_only:
                 token_loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
-                                                  targets.reshape(-1), ignore_index=IGNORE_INDEX)
+                                                  targets.reshape(-1), chunk_tokens=self.loss_chunk_tokens,
+                                                  ignore_index=IGNORE_INDEX, fused=self.fused_loss)
             else:
                 token_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="none")

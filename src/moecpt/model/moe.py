@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecpt.kernels.swiglu import swiglu
+
 _NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -24,16 +26,22 @@ def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if _NATIVE_GROUPED_MM is None:
         return False
     if x.device.type == "cuda":
-        return x.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        return (x.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+                and _aligned16(x) and _aligned16(w))
     if x.device.type == "cpu" and _TORCH_VERSION >= (2, 9):
-        return x.dtype == w.dtype and _aligned16(x) and _aligned16(w)  # the CPU kernel's layout rule
+        # The CPU kernel takes any float dtype, but torch.compile's shape rule for the op admits bf16 only.
+        dtype_ok = x.dtype == w.dtype and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
+        return dtype_ok and _aligned16(x) and _aligned16(w)  # the CPU kernel's layout rule
     return False
 
 
 def _aligned16(t: torch.Tensor) -> bool:
-    """Base pointer and every non-unit stride a multiple of 16 bytes."""
+    """Every non-unit stride a multiple of 16 bytes, and (in eager mode) the base pointer. A graph being
+    compiled has no pointers; its buffers and the parameters are allocated 16-byte aligned."""
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+    if not all(s == 1 or (s * size) % 16 == 0 for s in t.stride()):
+        return False
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
 def grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -65,14 +73,15 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))  # [E, 2F, H]: w1 then w3
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, ffn))  # [E, H, F]: w2
+        self.fused = False  # the Triton SwiGLU between the two grouped GEMMs (MixtralForCausalLM.use_kernels)
 
     def forward(self, x_NH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         """x_NH: routed rows sorted by expert; offs_E: end offset of each expert's rows."""
-        return swiglu_experts(x_NH, self.gate_up_proj, self.down_proj, offs_E)
+        return swiglu_experts(x_NH, self.gate_up_proj, self.down_proj, offs_E, self.fused)
 
 
 def swiglu_experts(x_NH: torch.Tensor, gate_up_E2FH: torch.Tensor, down_EHF: torch.Tensor,
-                   offs_E: torch.Tensor) -> torch.Tensor:
+                   offs_E: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """The experts' SwiGLU over rows grouped by expert (also used on a rank's local experts under expert
     parallelism, see `moecpt.parallel.expert_parallel`). Under autocast the expert GEMMs run in the autocast
     dtype like any matmul (grouped GEMMs are not on autocast's list, so the cast is done here)."""
@@ -81,8 +90,32 @@ def swiglu_experts(x_NH: torch.Tensor, gate_up_E2FH: torch.Tensor, down_EHF: tor
         dt = torch.get_autocast_dtype(dev)
         x_NH, gate_up_E2FH, down_EHF = x_NH.to(dt), gate_up_E2FH.to(dt), down_EHF.to(dt)
     h_N2F = grouped_mm(x_NH, gate_up_E2FH.transpose(-2, -1), offs_E)
-    gate, up = h_N2F.chunk(2, dim=-1)
-    return grouped_mm(F.silu(gate) * up, down_EHF.transpose(-2, -1), offs_E)
+    return grouped_mm(swiglu(h_N2F, fused), down_EHF.transpose(-2, -1), offs_E)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = x[rows], where each row of x is taken `k` times and `inverse` says where each copy went
+    (out[inverse[i * k + j]] is the j-th copy of x[i]). Backward is then a gather and a sum over the k copies
+    instead of autograd's scatter-add of indexing (a sort or atomics on a GPU, and nondeterministic order)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[rows]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        g = grad[inverse]
+        if ctx.k > 1:
+            g = g.view(-1, ctx.k, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """x[rows] where every row of x appears exactly k times in `rows`, with a gather-only backward."""
+    return _GatherRows.apply(x, rows, inverse, k)
 
 
 class SparseMoeBlock(nn.Module):
@@ -109,16 +142,18 @@ class SparseMoeBlock(nn.Module):
         x_TH = x_BTH.reshape(-1, H)
         logits_TE, weights_TK, experts_TK = self.route(x_TH)
 
-        # Permute: rows sorted by expert (stable, so tokens keep their order within an expert).
+        # Permute: rows sorted by expert (stable, so tokens keep their order within an expert). inv_N[j] is
+        # where routed row j (token j // K, its (j % K)-th expert) lands; both directions are gathers.
         flat_N = experts_TK.reshape(-1)
         order_N = flat_N.argsort(stable=True)
+        inv_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=x_TH.device))
         counts_E = torch.zeros(E, dtype=torch.int32, device=x_TH.device)
         counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
         offs_E = counts_E.cumsum(0, dtype=torch.int32)
-        y_NH = self.experts(x_TH[order_N // K], offs_E)
+        y_NH = self.experts(gather_rows(x_TH, order_N // K, inv_N, K), offs_E)
 
         # Unpermute (a gather by the inverse permutation) and mix the K expert outputs of each token.
-        y_TKH = y_NH[order_N.argsort()].view(-1, K, H)
+        y_TKH = gather_rows(y_NH, inv_N, order_N, 1).view(-1, K, H)
         out_TH = torch.bmm(weights_TK.to(y_TKH.dtype).unsqueeze(1), y_TKH).squeeze(1)
         return out_TH.view(B, T, H), self._stats(logits_TE, flat_N, token_mask)
 

@@ -80,7 +80,7 @@ class ExpertParallelExperts(Experts):
         key = torch.repeat_interleave(key_JL.reshape(-1), recv_JL.reshape(-1), output_size=x_recv.shape[0])
         order = torch.argsort(key, stable=True)
         offs_local = recv_JL.sum(0).cumsum(0).to(torch.int32)
-        y_sorted = swiglu_experts(x_recv[order], gate_up, down, offs_local)
+        y_sorted = swiglu_experts(x_recv[order], gate_up, down, offs_local, self.fused)
         y_recv = y_sorted[torch.argsort(order)]
         return all_to_all(y_recv, in_splits, out_splits, self.ep_group)
 

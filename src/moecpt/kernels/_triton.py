@@ -1,0 +1,46 @@
+"""Where moecpt's Triton kernels can run: a CUDA device with Triton installed, or a CPU under Triton's
+interpreter (`TRITON_INTERPRET=1`, how the kernel tests run without a GPU). Everywhere else every fused op
+falls back to its plain PyTorch reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def triton_installed() -> bool:
+    return _INSTALLED
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its Python interpreter (set before Triton is first imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """Whether a Triton kernel can take tensors on `device`."""
+    kind = torch.device(device).type
+    if not triton_installed():
+        return False
+    return kind == "cuda" or (kind == "cpu" and interpreting())
+
+
+def why_not_triton(device: torch.device | str) -> str:
+    """A sentence saying why Triton cannot be used on `device` ('' if it can)."""
+    if not triton_installed():
+        return "Triton is not installed (pip install triton; it comes with torch's CUDA builds)"
+    kind = torch.device(device).type
+    if kind == "cpu" and not interpreting():
+        return "the device is a CPU (Triton kernels need a GPU, or TRITON_INTERPRET=1 to test them on a CPU)"
+    if kind not in ("cpu", "cuda"):
+        return f"Triton kernels are not written for {kind} devices"
+    return ""
+
+
+def row_block(n: int) -> int:
+    """The power-of-two block that holds a row of `n` elements (Triton blocks are powers of two)."""
+    return 1 << max(0, (n - 1).bit_length())
