@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Triton decides at import whether its kernels (and its own library of jitted helpers such as tl.sum) run in
+# its interpreter, so the switch is set before anything imports Triton. Nothing runs a Triton kernel unless a
+# test asks for the fused kernels (kernels.triton = "auto" means GPU only). MOECPT_TEST_TRITON_NATIVE=1 leaves
+# it unset (compiled kernels, for a run on a GPU).
+if not os.environ.get("MOECPT_TEST_TRITON_NATIVE"):
+    os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
+from moecpt.kernels.attention import SDPA_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,6 +116,17 @@ class ParallelSection:
 
 
 @dataclass
+class KernelsSection:
+    """Which kernels compute the step; every choice gives the same result up to rounding (docs/kernels.md)."""
+
+    # Triton kernels for RMSNorm, RoPE, SwiGLU and the cross-entropy: auto (on a GPU when Triton is
+    # installed) | on | off.
+    triton: str = "auto"
+    sdpa_backend: str = "auto"  # attention kernel preferred on a GPU: auto | cudnn | flash | efficient | math
+    loss_chunk_tokens: int = 2048  # tokens per chunk of the LM head + loss (never all [tokens, vocab] logits)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     # Weights to start from (a Hugging Face directory or a moecpt checkpoint directory), with a fresh
@@ -130,6 +142,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
 
     def validate(self) -> None:
         t, o = self.training, self.optimizer
@@ -155,6 +168,10 @@ class TrainConfig:
             (self.parallel.expert_parallel >= 1, "parallel.expert_parallel", "must be >= 1"),
             (self.parallel.backend in ("auto", "nccl", "gloo"), "parallel.backend", "must be auto, nccl or gloo"),
             (self.parallel.timeout_s > 0, "parallel.timeout_s", "must be positive"),
+            (self.kernels.triton in ("auto", "on", "off"), "kernels.triton", "must be auto, on or off"),
+            (self.kernels.sdpa_backend in SDPA_CHOICES, "kernels.sdpa_backend",
+             f"must be one of {', '.join(SDPA_CHOICES)}"),
+            (self.kernels.loss_chunk_tokens > 0, "kernels.loss_chunk_tokens", "must be positive"),
         ]
         for ok, key, what in checks:
             if not ok:

@@ -31,6 +31,8 @@ from moecpt.data.loader import MixtureLoader, validation_batches
 from moecpt.data.mixture import MixtureDataset, parse_mixture, resolve_mixture
 from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 from moecpt.errors import UserError
+from moecpt.kernels._triton import triton_installed, triton_usable, why_not_triton
+from moecpt.kernels.attention import sdpa_backend
 from moecpt.model.config import MixtralConfig
 from moecpt.model.hf import from_pretrained, load_config
 from moecpt.model.mixtral import MixtralForCausalLM
@@ -70,6 +72,18 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.training.dtype == "bfloat16" or (cfg.training.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def use_triton(cfg: TrainConfig, device: torch.device) -> bool:
+    """kernels.triton resolved: auto = on a GPU with Triton installed; on = wherever Triton can run, else an
+    error that says why."""
+    choice = cfg.kernels.triton
+    if choice == "auto":
+        return device.type == "cuda" and triton_installed()
+    if choice == "on" and not triton_usable(device):
+        raise UserError(f"config: kernels.triton = 'on' but {why_not_triton(device)}; "
+                        "set kernels.triton = 'auto' or 'off'")
+    return choice == "on"
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -143,6 +157,7 @@ class Trainer:
         self.world = pdist.world_size()
         self.is_main = self.rank == 0
         self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.fused_kernels = use_triton(cfg, self.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         t = cfg.training
@@ -201,6 +216,7 @@ class Trainer:
             model.to_empty(device=self.device)
         if scratch:  # a function of training.seed alone, whatever the world size and layout
             par.init_weights(model, self.cfg.training.seed)
+        model.use_kernels(self.fused_kernels, self.cfg.kernels.loss_chunk_tokens)
         return model, meshes
 
     # ---- start: resume, init_from or scratch --------------------------------------------------------------
@@ -280,16 +296,17 @@ class Trainer:
             if cfg.parallel.accumulate_unsharded:
                 par.set_accumulating(self.model, i < len(batches) - 1)
             inputs, targets = b["tokens"][:, :-1], b["tokens"][:, 1:]
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                # loss_only: the LM head and cross-entropy run in chunks, never holding [B, T, vocab] logits.
-                out = self.model(inputs, targets=targets, loss_only=True, **self._doc_kwargs(b))
-            ce_sum = out.token_loss.sum()
-            # Gradients are averaged over ranks by data parallelism: scale the CE sum so the average is the
-            # global-batch mean; the auxiliary losses are already means.
-            loss = ce_sum * (self.world / n_global) + (
-                c.router_aux_loss_coef * out.aux_loss + c.router_z_loss_coef * out.z_loss) / self.accum
-            loss.backward()
+            with sdpa_backend(cfg.kernels.sdpa_backend, self.device):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    # loss_only: the LM head and cross-entropy run in chunks, never [B, T, vocab] logits.
+                    out = self.model(inputs, targets=targets, loss_only=True, **self._doc_kwargs(b))
+                ce_sum = out.token_loss.sum()
+                # Gradients are averaged over ranks by data parallelism: scale the CE sum so the average is
+                # the global-batch mean; the auxiliary losses are already means.
+                loss = ce_sum * (self.world / n_global) + (
+                    c.router_aux_loss_coef * out.aux_loss + c.router_z_loss_coef * out.z_loss) / self.accum
+                loss.backward()
             with torch.no_grad():
                 stats += torch.stack([ce_sum.detach(), out.aux_loss.detach(), out.z_loss.detach()])
                 per_seq = out.token_loss.detach().sum(dim=1)
@@ -450,7 +467,8 @@ class Trainer:
                     f"({self.model.num_params(active=True) / 1e6:.1f}M active), device {self.device}, "
                     f"{'bf16 autocast' if self.amp_dtype else 'fp32'}, world size {self.world}"
                     f"{f' (FSDP x expert parallel {cfg.parallel.expert_parallel})' if self.world > 1 else ''}, "
-                    f"{self.accum} micro-batch(es) of {cfg.training.micro_batch} per step")
+                    f"{self.accum} micro-batch(es) of {cfg.training.micro_batch} per step, "
+                    f"{'Triton' if self.fused_kernels else 'PyTorch'} kernels")
             for row in self.dataset.report(cfg.training.steps * cfg.training.global_batch):
                 console(f"data: {row['name']:>12s} weight {row['weight']:.3f} realised share {row['share']:.3f} "
                         f"({row['train_tokens']:,} training tokens, {row['epochs']:.2f} epochs planned)")
