@@ -26,9 +26,30 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    """Triton's interpreter on the CPU; the kernels are defined lazily, so setting it here is in time."""
+    """Triton's interpreter on the CPU: the fused ops run Triton where `triton_usable`. moecpt defines its
+    kernels on first use, so setting the switch here is in time for them (see `_triton_interprets` for
+    Triton's own part)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert interpreting() and triton_usable("cpu"), why_not_triton("cpu")
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton itself was imported in interpreter mode. Triton builds its library of jitted helpers
+    (tl.sum, tl.sigmoid, ...) when first imported, so TRITON_INTERPRET=1 set later makes moecpt's kernels
+    interpreted but their calls to those helpers fail ("Cannot call @triton.jit'd outside of the scope of a
+    kernel"). tests/conftest.py sets it before anything imports Triton (unless MOECPT_TEST_TRITON_NATIVE)."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.sum, JITFunction)
+
+
+@pytest.fixture
+def triton_runs(_interpret) -> None:
+    """For the tests that launch the kernels on CPU tensors."""
+    if not _triton_interprets():
+        pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set (e.g. MOECPT_TEST_TRITON_NATIVE), "
+                    "so its kernels cannot run on CPU tensors in this session")
 
 
 @pytest.fixture
@@ -86,6 +107,7 @@ def test_rmsnorm_backward_programs_on_cpu():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(37, 24), (2, 9, 48), (5, 64), (1, 20)],
                          ids=["37rows_not_divisible", "3d_18rows", "fewer_rows_than_programs", "one_row"])
+@pytest.mark.usefixtures("triton_runs")
 def test_rmsnorm_matches_reference(launches, shape, dtype):
     # 37 rows over 16 programs: 3 rows each, the 13th program has one real row, the last three none.
     # Widths 24, 48 and 20 are not powers of two: the row block is masked.
@@ -101,6 +123,7 @@ def test_rmsnorm_matches_reference(launches, shape, dtype):
     _assert_close(got_grads[1], want_grads[1], dtype, "dweight")
 
 
+@pytest.mark.usefixtures("triton_runs")
 def test_rmsnorm_bf16_input_fp32_weight_promotes_like_the_reference(launches):
     """The model's case outside autocast's casts: bf16 activations, fp32 weight (output fp32)."""
     g = torch.Generator().manual_seed(1)
@@ -120,6 +143,7 @@ def test_rmsnorm_bf16_input_fp32_weight_promotes_like_the_reference(launches):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,head_dim", [(3, 8), (2, 12)], ids=["3heads_dim8", "2heads_dim12"])
+@pytest.mark.usefixtures("triton_runs")
 def test_rope_matches_reference(launches, heads, head_dim, dtype):
     # 3 heads (a GQA-like count, not a power of two) and a half-width of 6: both blocks are masked.
     B, T = 2, 5
@@ -139,6 +163,7 @@ def test_rope_matches_reference(launches, heads, head_dim, dtype):
         assert not torch.allclose(got, x)
 
 
+@pytest.mark.usefixtures("triton_runs")
 def test_rope_on_a_non_contiguous_input(launches):
     """The model passes a view of the projection ([B, T, heads * D] viewed [B, T, heads, D]); a transposed
     input is made contiguous first and still rotated correctly."""
@@ -154,6 +179,7 @@ def test_rope_on_a_non_contiguous_input(launches):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ffn,block", [(40, 16), (37, 1024)], ids=["F40_over_3_column_programs", "F37_one_program"])
+@pytest.mark.usefixtures("triton_runs")
 def test_swiglu_matches_reference(monkeypatch, launches, ffn, block, dtype):
     # BLOCK 16 stands in for F > 1024: F = 40 needs three column programs, the last one partly masked.
     monkeypatch.setattr(swiglu_mod, "BLOCK", block)
@@ -187,6 +213,7 @@ def _ce_inputs(dtype=torch.float32, logit_scale=1.0, ignore_index=IGNORE_INDEX, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("logit_scale", [1.0, 40.0], ids=["logits_O1", "logits_O40"])
 @pytest.mark.parametrize("chunk", [5, 1000], ids=["chunk5_of_13", "one_chunk"])
+@pytest.mark.usefixtures("triton_runs")
 def test_cross_entropy_matches_reference(monkeypatch, launches, chunk, logit_scale, dtype):
     # VOCAB_BLOCK 64 stands in for a vocabulary of many 4096-blocks: 300 = 4 x 64 + 44, so the online
     # logsumexp rescales over five blocks, the last partly masked. Large logits check its stability.
@@ -206,6 +233,7 @@ def test_cross_entropy_matches_reference(monkeypatch, launches, chunk, logit_sca
     _assert_close(got_grads[1], want_grads[1], dtype, "dweight")
 
 
+@pytest.mark.usefixtures("triton_runs")
 def test_cross_entropy_all_ignored_gives_zero_loss_and_gradients(monkeypatch, launches):
     monkeypatch.setattr(ce_mod, "VOCAB_BLOCK", 64)
     h, w, _, upstream = _ce_inputs()
@@ -216,6 +244,7 @@ def test_cross_entropy_all_ignored_gives_zero_loss_and_gradients(monkeypatch, la
     assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
 
 
+@pytest.mark.usefixtures("triton_runs")
 def test_cross_entropy_custom_ignore_index(monkeypatch, launches):
     monkeypatch.setattr(ce_mod, "VOCAB_BLOCK", 64)
     h, w, t, upstream = _ce_inputs(ignore_index=-1)
@@ -229,6 +258,7 @@ def test_cross_entropy_custom_ignore_index(monkeypatch, launches):
         _assert_close(a, b, torch.float32)
 
 
+@pytest.mark.usefixtures("triton_runs")
 def test_cross_entropy_under_autocast_matches_the_reference_under_autocast(monkeypatch, launches):
     """fp32 master weights, bf16 autocast: the head runs in bf16, the gradients come back fp32."""
     monkeypatch.setattr(ce_mod, "VOCAB_BLOCK", 64)
@@ -282,6 +312,7 @@ def _tiny_model(seed=0) -> MixtralForCausalLM:
     return MixtralForCausalLM(MixtralConfig.from_preset("tiny", num_hidden_layers=1, vocab_size=300))
 
 
+@pytest.mark.usefixtures("triton_runs")
 def test_model_with_kernels_trains_like_without(monkeypatch, launches):
     monkeypatch.setattr(ce_mod, "VOCAB_BLOCK", 64)
     model = _tiny_model()
@@ -312,8 +343,10 @@ def test_model_with_kernels_trains_like_without(monkeypatch, launches):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
 @pytest.mark.parametrize("fused", [True, False], ids=["kernels", "no_kernels"])
-def test_compiled_decoder_layer_has_no_graph_break(launches, fused, autocast):
+def test_compiled_decoder_layer_has_no_graph_break(request, launches, fused, autocast):
     """fullgraph=True raises on any graph break: each kernel is one opaque custom op to Dynamo."""
+    if fused:
+        request.getfixturevalue("triton_runs")
     torch._dynamo.reset()
     model = _tiny_model(seed=1)
     model.use_kernels(fused)

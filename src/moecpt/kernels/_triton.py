@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -17,8 +18,15 @@ def triton_installed() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its Python interpreter (set before Triton is first imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its Python interpreter. TRITON_INTERPRET only counts if it was set
+    before Triton was imported: Triton builds its own jitted helpers (tl.sum, ...) at import, for the
+    interpreter or for the GPU compiler, and a kernel cannot mix the two."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return True  # Triton will start in interpreter mode
+    return type(getattr(lang, "sum", None)).__name__ == "InterpretedFunction"
 
 
 def triton_usable(device: torch.device | str) -> bool:
@@ -35,7 +43,8 @@ def why_not_triton(device: torch.device | str) -> str:
         return "Triton is not installed (pip install triton; it comes with torch's CUDA builds)"
     kind = torch.device(device).type
     if kind == "cpu" and not interpreting():
-        return "the device is a CPU (Triton kernels need a GPU, or TRITON_INTERPRET=1 to test them on a CPU)"
+        return ("the device is a CPU (Triton kernels need a GPU, or TRITON_INTERPRET=1 set before Triton is "
+                "imported to test them on a CPU)")
     if kind not in ("cpu", "cuda"):
         return f"Triton kernels are not written for {kind} devices"
     return ""
