@@ -10,6 +10,7 @@ SDPA) and prints ratios.
 
     python bench/train_step.py                          # CUDA: bench-1b, 8 x 2048 tokens, bf16 autocast
     python bench/train_step.py --compare-hf --compile   # + transformers eager, grouped_mm, grouped_mm+compile
+    python bench/train_step.py --triton off             # PyTorch's own ops instead of the Triton kernels
     python bench/train_step.py --shape tiny             # CPU default: tiny, 2 x 128 tokens, fp32
 
 Ends with one JSON line holding every figure. CPU figures only show that the script runs.
@@ -32,12 +33,12 @@ import numpy as np
 import torch
 
 from moecpt.data.indexed import ShardWriter, dtype_for_vocab
-from moecpt.kernels import cross_entropy
-from moecpt.kernels.attention import SDPA_CHOICES, sdpa_backend
+from moecpt.kernels.attention import SDPA_CHOICES
 from moecpt.model.config import MixtralConfig
 from moecpt.train.config import (
     CheckpointSection,
     DataSection,
+    KernelsSection,
     LoggingSection,
     ModelSection,
     ParallelSection,
@@ -51,9 +52,10 @@ from moecpt.train.trainer import Trainer
 HF_CASES = ("eager", "grouped_mm", "grouped_mm+compile")
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The shape, kernel and model flags (bench/step_breakdown.py adds its own to the same parser)."""
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--shape", default="bench-1b" if cuda else "tiny", help="model preset (moecpt.model.config)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--micro-batch", type=int, default=8 if cuda else 2, help="sequences per step")
@@ -62,13 +64,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps")
     p.add_argument("--compile", action="store_true", help="parallel.compile: torch.compile each decoder block")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--ce-chunk", type=int, default=None,
-                   help=f"tokens per LM-head/loss chunk (default {cross_entropy.CHUNK_TOKENS})")
+    p.add_argument("--ce-chunk", type=int, default=KernelsSection.loss_chunk_tokens,
+                   help="kernels.loss_chunk_tokens: tokens per LM-head/loss chunk")
     p.add_argument("--sdpa", default="auto", choices=SDPA_CHOICES,
-                   help="attention kernel moecpt's steps prefer on CUDA (auto: PyTorch's choice)")
+                   help="kernels.sdpa_backend: attention kernel preferred on CUDA (auto: PyTorch's choice)")
+    p.add_argument("--triton", default="auto", choices=("auto", "on", "off"),
+                   help="kernels.triton: fused RMSNorm/RoPE/SwiGLU/cross-entropy (auto: on a GPU)")
+    p.add_argument("--tokenizer", default="", help="data.tokenizer ('' = the Mixtral one if installed)")
+    return p
+
+
+def parse_args() -> argparse.Namespace:
+    p = build_parser(__doc__.split("\n")[0])
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' Mixtral in this process")
     p.add_argument("--hf-cases", default=",".join(HF_CASES), help="comma-separated transformers rows")
-    p.add_argument("--tokenizer", default="", help="data.tokenizer ('' = the Mixtral one if installed)")
     return p.parse_args()
 
 
@@ -168,6 +177,7 @@ def moecpt_config(args: argparse.Namespace, tmp: Path) -> TrainConfig:
         checkpoint=CheckpointSection(interval=0, export_at_end=False),
         logging=LoggingSection(progress=False),
         parallel=ParallelSection(compile=args.compile, activation_checkpointing=args.activation_checkpointing),
+        kernels=KernelsSection(triton=args.triton, sdpa_backend=args.sdpa, loss_chunk_tokens=args.ce_chunk),
     )
     cfg.validate()
     return cfg
@@ -176,8 +186,8 @@ def moecpt_config(args: argparse.Namespace, tmp: Path) -> TrainConfig:
 def run_moecpt(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     trainer = Trainer(moecpt_config(args, tmp))
     reset_peak_memory(args.device)
-    with sdpa_backend(args.sdpa, args.device):
-        r = time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, args.device)
+    r = time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, args.device)
+    r["triton_kernels"] = trainer.fused_kernels
     r["peak_memory_gib"] = peak_memory_gib(args.device)
     r["params_M"] = trainer.model.num_params() / 1e6
     r["autocast"] = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "float32"
@@ -232,8 +242,6 @@ def sig(x: float, digits: int = 4) -> float:
 
 def main() -> None:
     args = parse_args()
-    if args.ce_chunk:
-        cross_entropy.CHUNK_TOKENS = args.ce_chunk
     c = MixtralConfig.from_preset(args.shape)
     tokens = args.micro_batch * args.seq_len
     fpt = model_flops_per_token(c, args.seq_len)
@@ -263,7 +271,7 @@ def main() -> None:
         "micro_batch": args.micro_batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
         "flops_per_token": fpt, "compile": args.compile, "sdpa": args.sdpa,
         "activation_checkpointing": args.activation_checkpointing,
-        "ce_chunk_tokens": cross_entropy.CHUNK_TOKENS, "autocast": ours["autocast"], "params_M":
+        "ce_chunk_tokens": args.ce_chunk, "triton_kernels": ours["triton_kernels"], "autocast": ours["autocast"], "params_M":
         round(ours["params_M"], 1), "matmul_peak_tflops": sig(peak),
         "peak_dtype": str(peak_dtype).removeprefix("torch."),
         "peak_memory_kind": "cuda_max_allocated" if cuda else "cpu_process_max_rss",
