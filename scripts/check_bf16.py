@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="largest relative gap between the windowed losses (default 2%%)")
     p.add_argument("--data", default=str(SHARED), help="the shared corpus directory")
+    p.add_argument("--tokenizer", default="", help="data.tokenizer ('' = the Mixtral tokenizer of mistral-common)")
     p.add_argument("--out", default="", help="keep the two runs here (default: a temporary directory)")
     return p.parse_args()
 
@@ -63,6 +64,7 @@ def config(args: argparse.Namespace, run_dir: Path, cache: Path, dtype: str) -> 
         "run_dir": str(run_dir), "resume": "never",
         "model": {"preset": args.preset, "overrides": overrides},
         "data": {"mixture": "0.644 ja 0.256 en 0.1 code", "seq_len": args.seq_len, "cache_dir": str(cache),
+                 "tokenizer": args.tokenizer,
                  "valid_fraction": 0.0, "valid_max_documents": 0,
                  "corpora": {k: [str(data / f) for f in v] for k, v in CORPORA.items()}},
         "optimizer": {"lr": args.lr, "min_lr": args.lr / 10},

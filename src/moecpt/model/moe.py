@@ -94,28 +94,31 @@ def swiglu_experts(x_NH: torch.Tensor, gate_up_E2FH: torch.Tensor, down_EHF: tor
 
 
 class _GatherRows(torch.autograd.Function):
-    """out = x[rows], where each row of x is taken `k` times and `inverse` says where each copy went
-    (out[inverse[i * k + j]] is the j-th copy of x[i]). Backward is then a gather and a sum over the k copies
-    instead of autograd's scatter-add of indexing (a sort or atomics on a GPU, and nondeterministic order)."""
+    """out = x[rows] (cast to `dtype` first if given), where each row of x is taken `k` times and `inverse`
+    says where each copy went (out[inverse[i * k + j]] is the j-th copy of x[i]). Backward is then a gather
+    and a sum over the k copies (in fp32 for low-precision copies) instead of autograd's scatter-add of
+    indexing (a sort or atomics on a GPU, and nondeterministic order)."""
 
     @staticmethod
-    def forward(ctx, x, rows, inverse, k: int):
+    def forward(ctx, x, rows, inverse, k: int, dtype: torch.dtype | None):
         ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x[rows]
+        ctx.k, ctx.x_dtype = k, x.dtype
+        return (x if dtype is None else x.to(dtype))[rows]
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         g = grad[inverse]
         if ctx.k > 1:
-            g = g.view(-1, ctx.k, g.shape[-1]).sum(1)
-        return g, None, None, None
+            g = g.view(-1, ctx.k, g.shape[-1]).sum(1, dtype=torch.promote_types(g.dtype, ctx.x_dtype))
+        return g.to(ctx.x_dtype), None, None, None, None
 
 
-def gather_rows(x: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-    """x[rows] where every row of x appears exactly k times in `rows`, with a gather-only backward."""
-    return _GatherRows.apply(x, rows, inverse, k)
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor, k: int,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x[rows] where every row of x appears exactly k times in `rows`, with a gather-only backward; `dtype`:
+    the rows come out in this dtype (cast before the copy) and their gradient goes back in x's."""
+    return _GatherRows.apply(x, rows, inverse, k, dtype)
 
 
 class SparseMoeBlock(nn.Module):
@@ -150,7 +153,10 @@ class SparseMoeBlock(nn.Module):
         counts_E = torch.zeros(E, dtype=torch.int32, device=x_TH.device)
         counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
         offs_E = counts_E.cumsum(0, dtype=torch.int32)
-        y_NH = self.experts(gather_rows(x_TH, order_N // K, inv_N, K), offs_E)
+        # Under autocast the experts compute in the autocast dtype: cast the T rows before copying N = K * T.
+        dev = x_TH.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        y_NH = self.experts(gather_rows(x_TH, order_N // K, inv_N, K, dtype), offs_E)
 
         # Unpermute (a gather by the inverse permutation) and mix the K expert outputs of each token.
         y_TKH = gather_rows(y_NH, inv_N, order_N, 1).view(-1, K, H)
