@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from moecpt.kernels._triton import triton_usable
+from moecpt.kernels._triton import row_block, triton_usable, warps_for
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 2048  # tokens per chunk: [2048, 32000] fp32 logits are 250 MiB
@@ -96,19 +96,18 @@ def _fused_chunk_forward(h_CH, w_VH, t_C, ignore_index) -> tuple[torch.Tensor, t
     C, V = logits.shape
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
     lse = torch.empty(C, dtype=torch.float32, device=logits.device)
-    _kernels().loss_fwd[(C,)](logits, t_C, loss, lse, V, ignore_index, BLOCK=min(VOCAB_BLOCK, _pow2(V)))
+    block = min(VOCAB_BLOCK, row_block(V))
+    _kernels().loss_fwd[(C,)](logits, t_C, loss, lse, V, ignore_index, BLOCK=block, num_warps=warps_for(block))
     return loss, lse
 
 
 def _fused_chunk_grad_logits(h_CH, w_VH, t_C, lse_C, g_C, ignore_index) -> torch.Tensor:
     logits = F.linear(h_CH, w_VH).contiguous()
     C, V = logits.shape
-    _kernels().grad_in_place[(C,)](logits, t_C, lse_C, g_C, V, ignore_index, BLOCK=min(VOCAB_BLOCK, _pow2(V)))
+    block = min(VOCAB_BLOCK, row_block(V))
+    _kernels().grad_in_place[(C,)](logits, t_C, lse_C, g_C, V, ignore_index, BLOCK=block,
+                                   num_warps=warps_for(block))
     return logits
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from moecpt.kernels._triton import row_block, triton_usable
+from moecpt.kernels._triton import row_block, triton_usable, warps_for
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,7 +72,8 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0]:
-        _kernels().fwd[(x2.shape[0],)](x2, weight.contiguous(), y, rstd, H, eps, BLOCK=row_block(H))
+        _kernels().fwd[(x2.shape[0],)](x2, weight.contiguous(), y, rstd, H, eps, BLOCK=row_block(H),
+                                        num_warps=warps_for(row_block(H)))
     return y.view(*x.shape[:-1], H), rstd
 
 
@@ -95,7 +96,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dw_part = torch.zeros(programs, H, dtype=torch.float32, device=x.device)
     if M:
         _kernels().bwd[(programs,)](x2, weight.contiguous(), dy2, rstd, dx, dw_part, M, H, rows_per_program,
-                                    BLOCK=row_block(H))
+                                    BLOCK=row_block(H), num_warps=warps_for(row_block(H)))
     return dx.view(x.shape), dw_part.sum(0).to(weight.dtype)
 
 

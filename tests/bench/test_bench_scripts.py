@@ -1,4 +1,4 @@
-"""bench/step_breakdown.py and scripts/check_bf16.py run on a CPU at a tiny shape (breakage checks; the
+"""bench/step_breakdown.py, bench/kernels.py and scripts/check_bf16.py run on a CPU at a tiny shape (breakage checks; the
 bf16 check also really compares the two precisions, on the first documents of the shared corpora)."""
 
 from __future__ import annotations
@@ -78,3 +78,23 @@ def test_bf16_check_fails_when_the_gap_exceeds_the_tolerance(tolerance, code):
     r = compare([10.0, 9.0, 8.0, 7.0], [10.0, 9.1, 8.0, 7.0], window=1, skip=0)
     assert math.isclose(r["max_rel_gap"], 0.1 / 9.0) and r["at_step"] == 2
     assert r["max_rel_gap"] > float(tolerance)
+
+
+def test_kernel_bench_runs_in_the_interpreter_and_checks_accuracy():
+    pytest.importorskip("triton")
+    cmd = [sys.executable, str(REPO / "bench" / "kernels.py"), "--device", "cpu", "--reps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**ENV, "TRITON_INTERPRET": "1"},
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = last_json(proc.stdout)
+    assert [row["op"] for row in r["rows"]] == ["rmsnorm", "rope (q)", "rope (k)", "swiglu", "lm head + loss"]
+    for row in r["rows"]:
+        assert row["fused_ms"] > 0 and row["ref_ms"] > 0
+        assert row["err_fused"] < 1e-5  # fp32 on a CPU: the kernels agree with the reference to rounding
+
+
+def test_kernel_bench_says_why_it_cannot_run():
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 2 and "cannot run Triton here" in proc.stderr
