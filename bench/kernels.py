@@ -140,7 +140,8 @@ def main() -> int:
                       "dtype": str(dtype).removeprefix("torch."), "tokens": N, "hidden": H, "ffn": F, "vocab": V,
                       "rows": [{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()}
                                for r in rows]}))
-    worse = [r["op"] for r in rows if r["err_fused"] > 2 * r["err_reference"] + 1e-6]
+    # 1e-5: room for fp32 rounding where the reference is exact against itself (fp32 inputs)
+    worse = [r["op"] for r in rows if r["err_fused"] > 2 * r["err_reference"] + 1e-5]
     if worse:
         print(f"less accurate than the reference: {', '.join(worse)}", file=sys.stderr)
         return 1

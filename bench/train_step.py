@@ -13,7 +13,8 @@ SDPA) and prints ratios.
     python bench/train_step.py --triton off             # PyTorch's own ops instead of the Triton kernels
     python bench/train_step.py --shape tiny             # CPU default: tiny, 2 x 128 tokens, fp32
 
-Ends with one JSON line holding every figure. CPU figures only show that the script runs.
+Ends with one JSON line holding every figure (with `--compare-hf`, a line marked "partial" also precedes
+each transformers row). CPU figures only show that the script runs.
 """
 
 from __future__ import annotations
@@ -286,6 +287,8 @@ def main() -> None:
         result["transformers"] = transformers.__version__
         best = None
         for case in filter(None, args.hf_cases.split(",")):
+            # The figures so far, in case a slow row (compilation) is cut off by a time limit.
+            print(json.dumps({**result, "partial": True}), flush=True)
             gc.collect()
             try:
                 hf = row(f"transformers {case}", run_hf(case, c, args))

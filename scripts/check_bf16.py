@@ -1,5 +1,6 @@
-"""Does bf16 training track fp32? Two runs of `moecpt train` on the shared corpora, identical except
-`training.dtype` (float32, then bfloat16 autocast with fp32 master weights), compared step by step.
+"""Does bf16 training track fp32? Two training runs on the shared corpora through the trainer's own step
+(`Trainer.train_step`), identical except `training.dtype` (float32, then bfloat16 autocast with fp32 master
+weights), compared step by step. No checkpoints are written: only the losses matter here.
 
 The same seed gives both runs the same initial weights and the same batches, so the loss curves differ only
 by arithmetic. The check passes when, after warm-up, the bf16 loss averaged over a window of steps stays
@@ -77,6 +78,30 @@ def config(args: argparse.Namespace, run_dir: Path, cache: Path, dtype: str) -> 
     }, "scripts/check_bf16.py")
 
 
+def run(cfg: Any) -> list[float]:
+    """The loss of every step of one run; its resolved config and losses are kept in its run directory."""
+    import math
+
+    from moecpt.train.config import to_toml
+    from moecpt.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    losses = []
+    for _ in range(cfg.training.steps):
+        record = trainer.train_step()
+        if record["skipped"] or not math.isfinite(record["loss"]):
+            sys.exit(f"check_bf16: the {cfg.training.dtype} run had a non-finite step at {record['step']}")
+        losses.append(record["loss"])
+        if record["step"] % 20 == 0 or record["step"] == cfg.training.steps:
+            print(f"{cfg.training.dtype}: step {record['step']}/{cfg.training.steps} loss {record['loss']:.4f}",
+                  flush=True)
+    (run_dir / "losses.json").write_text(json.dumps(losses))
+    return losses
+
+
 def windowed(xs: list[float], w: int) -> list[float]:
     """Trailing means: entry i averages steps max(0, i - w + 1) .. i."""
     out, acc = [], 0.0
@@ -97,18 +122,9 @@ def compare(fp32: list[float], bf16: list[float], window: int, skip: int) -> dic
 
 def main() -> int:
     args = parse_args()
-    from moecpt.train.metrics import read_metrics
-    from moecpt.train.trainer import train
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out) if args.out else Path(tmp)
-        traces = {}
-        for dtype in ("float32", "bfloat16"):
-            cfg = config(args, root / dtype, root / "cache", dtype)
-            result = train(cfg)
-            if result["reason"] != "finished":
-                sys.exit(f"check_bf16: the {dtype} run stopped early ({result['reason']})")
-            traces[dtype] = [r["loss"] for r in read_metrics(root / dtype) if "loss" in r]
+        traces = {dtype: run(config(args, root / dtype, root / "cache", dtype)) for dtype in ("float32", "bfloat16")}
     fp32, bf16 = traces["float32"], traces["bfloat16"]
     r = compare(fp32, bf16, args.window, args.skip)
     a, b = windowed(fp32, args.window), windowed(bf16, args.window)

@@ -102,7 +102,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 @_rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)  # contiguous, as the kernel's outputs
 
 
 def _sm_count(device: torch.device) -> int:

@@ -85,7 +85,7 @@ def _swiglu_bwd(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_bwd.register_fake
 def _(dy, h):
-    return torch.empty_like(h)
+    return h.new_empty(h.shape)  # contiguous, as the kernel's output
 
 
 def _setup(ctx, inputs, output):
