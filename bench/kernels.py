@@ -121,7 +121,7 @@ def main() -> int:
     targets = torch.randint(0, V, (N,), device=dev, generator=g)
     rows = []
     rows.append(compare("rmsnorm", lambda dt: [randn(N, H, dt=torch.float32), 1 + randn(H, dt=torch.float32, scale=0.1)],
-                        lambda x, w: rms_norm_reference(x, w, 1e-5), lambda x, w: rms_norm(x, w, 1e-5),
+                        lambda x, w: rms_norm_reference(x, w, 1e-5), lambda x, w: rms_norm(x, w, 1e-5, fused=True),
                         args, dtype))
     rows.append(compare("rope (q)", lambda dt: [randn(B, T, nh, D, dt=dt)],
                         lambda x: rope_reference(x, cos, sin), lambda x: apply_rope(x, cos, sin, fused=True),

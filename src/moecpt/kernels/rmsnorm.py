@@ -125,7 +125,7 @@ def _backward(ctx, dy, _drstd):
 _rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
     """RMSNorm of the last dimension times `weight`; the Triton kernel where it can run and `fused`."""
     if fused and triton_usable(x.device):
         return _rms_norm_fwd(x, weight, eps)[0]

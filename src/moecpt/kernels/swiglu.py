@@ -99,7 +99,7 @@ def _backward(ctx, dy):
 _swiglu_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def swiglu(h_N2F: torch.Tensor, fused: bool = True) -> torch.Tensor:
+def swiglu(h_N2F: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """silu(gate) * up of a [N, 2F] gate|up tensor; the Triton kernel where it can run and `fused`."""
     if fused and h_N2F.dim() == 2 and triton_usable(h_N2F.device):
         return _swiglu_fwd(h_N2F)

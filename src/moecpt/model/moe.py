@@ -114,6 +114,11 @@ class _GatherRows(torch.autograd.Function):
         return g.to(ctx.x_dtype), None, None, None, None
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inv with inv[order[i]] = i, by a scatter (no second sort)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def gather_rows(x: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor, k: int,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """x[rows] where every row of x appears exactly k times in `rows`, with a gather-only backward; `dtype`:
@@ -149,7 +154,7 @@ class SparseMoeBlock(nn.Module):
         # where routed row j (token j // K, its (j % K)-th expert) lands; both directions are gathers.
         flat_N = experts_TK.reshape(-1)
         order_N = flat_N.argsort(stable=True)
-        inv_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=x_TH.device))
+        inv_N = inverse_permutation(order_N)
         counts_E = torch.zeros(E, dtype=torch.int32, device=x_TH.device)
         counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
         offs_E = counts_E.cumsum(0, dtype=torch.int32)

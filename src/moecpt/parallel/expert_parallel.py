@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moecpt.model.moe import Experts, swiglu_experts
+from moecpt.model.moe import Experts, gather_rows, inverse_permutation, swiglu_experts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -80,8 +80,9 @@ class ExpertParallelExperts(Experts):
         key = torch.repeat_interleave(key_JL.reshape(-1), recv_JL.reshape(-1), output_size=x_recv.shape[0])
         order = torch.argsort(key, stable=True)
         offs_local = recv_JL.sum(0).cumsum(0).to(torch.int32)
-        y_sorted = swiglu_experts(x_recv[order], gate_up, down, offs_local, self.fused)
-        y_recv = y_sorted[torch.argsort(order)]
+        inv = inverse_permutation(order)
+        y_sorted = swiglu_experts(gather_rows(x_recv, order, inv, 1), gate_up, down, offs_local, self.fused)
+        y_recv = gather_rows(y_sorted, inv, order, 1)
         return all_to_all(y_recv, in_splits, out_splits, self.ep_group)
 
 

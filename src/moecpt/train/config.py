@@ -17,6 +17,7 @@ from typing import Any
 
 from moecpt.errors import UserError
 from moecpt.kernels.attention import SDPA_CHOICES
+from moecpt.kernels.cross_entropy import CHUNK_TOKENS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,7 +124,7 @@ class KernelsSection:
     # installed) | on | off.
     triton: str = "auto"
     sdpa_backend: str = "auto"  # attention kernel preferred on a GPU: auto | cudnn | flash | efficient | math
-    loss_chunk_tokens: int = 2048  # tokens per chunk of the LM head + loss (never all [tokens, vocab] logits)
+    loss_chunk_tokens: int = CHUNK_TOKENS  # tokens per chunk of the LM head + loss (never all [tokens, vocab] logits)
 
 
 @dataclass
