@@ -33,10 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moecpt.data.indexed import ShardWriter, dtype_for_vocab
-from moecpt.kernels.attention import SDPA_CHOICES
-from moecpt.model.config import MixtralConfig
-from moecpt.train.config import (
+from moecpt.config import (
     CheckpointSection,
     DataSection,
     KernelsSection,
@@ -47,6 +44,9 @@ from moecpt.train.config import (
     TrainConfig,
     TrainingSection,
 )
+from moecpt.data.indexed import ShardWriter, dtype_for_vocab
+from moecpt.kernels.attention import SDPA_CHOICES
+from moecpt.model.config import MixtralConfig
 from moecpt.train.metrics import gpu_peak_tflops, model_flops_per_token
 from moecpt.train.trainer import Trainer
 

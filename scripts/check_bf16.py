@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def config(args: argparse.Namespace, run_dir: Path, cache: Path, dtype: str) -> Any:
-    from moecpt.train.config import config_from_dict
+    from moecpt.config import config_from_dict
 
     data = Path(args.data)
     missing = [str(data / f) for files in CORPORA.values() for f in files if not (data / f).is_file()]
@@ -82,7 +82,7 @@ def run(cfg: Any) -> list[float]:
     """The loss of every step of one run; its resolved config and losses are kept in its run directory."""
     import math
 
-    from moecpt.train.config import to_toml
+    from moecpt.config import to_toml
     from moecpt.train.trainer import Trainer
 
     trainer = Trainer(cfg)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moecpt.train.config import config_from_dict, to_toml
+from moecpt.config import config_from_dict, to_toml
 
 
 def tiny_corpora(shared_data: Path) -> dict[str, list[str]]:

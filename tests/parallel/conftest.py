@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moecpt.train.config import load_config
+from moecpt.config import load_config
 
 from ..tiny_config import tiny_config_toml, tiny_corpora
 

@@ -16,11 +16,11 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from moecpt.config import OptimizerSection, ParallelSection
 from moecpt.model.config import MixtralConfig
 from moecpt.model.mixtral import MixtralForCausalLM
 from moecpt.model.moe import SparseMoeBlock
 from moecpt.parallel.parallelize import clip_grad_norm_, init_weights, parallelize
-from moecpt.train.config import OptimizerSection, ParallelSection
 from moecpt.train.optim import build_optimizer
 
 CONFIG = MixtralConfig.from_preset("tiny", vocab_size=256, hidden_size=32, intermediate_size=48,

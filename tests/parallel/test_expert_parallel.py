@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from moecpt.config import ParallelSection
 from moecpt.errors import UserError
 from moecpt.model.mixtral import MixtralForCausalLM
 from moecpt.parallel.parallelize import check_layout, parallelize
 from moecpt.parallel.plan import Layout, plan_memory
-from moecpt.train.config import ParallelSection
 
 from .conftest import REPO, torchrun
 from .ep_worker import CONFIG, config

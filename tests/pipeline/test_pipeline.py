@@ -122,7 +122,7 @@ def test_recipe_errors_name_the_problem(tmp_path):
 
 
 def test_print_config_gives_a_training_config_for_torchrun(tmp_path, capsys, monkeypatch):
-    from moecpt.train.config import load_config
+    from moecpt.config import load_config
 
     assert main(["run", "--run-dir", str(tmp_path / "r"), "--print-config", "cpt", "--cpt.training.steps=7"]) == 0
     (tmp_path / "cpt.toml").write_text(capsys.readouterr().out)
@@ -138,7 +138,7 @@ def test_print_config_gives_a_training_config_for_torchrun(tmp_path, capsys, mon
 
 def test_a_training_stage_run_outside_is_picked_up(tmp_path, capsys):
     """The cluster workflow: train the printed stage config elsewhere, then `moecpt run` continues from it."""
-    from moecpt.train.config import load_config
+    from moecpt.config import load_config
     from moecpt.train.trainer import train
 
     run = tmp_path / "r"

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from moecpt.config import OptimizerSection, ScheduleSection
 from moecpt.model import MixtralConfig, MixtralForCausalLM
-from moecpt.train.config import OptimizerSection, ScheduleSection
 from moecpt.train.optim import lr_at, param_groups
 
 

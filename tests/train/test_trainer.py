@@ -208,7 +208,7 @@ def test_metrics_and_console_report_what_the_issue_promises(tiny_config, tmp_pat
 
 
 def test_config_errors_name_the_key(tiny_config, write_config):
-    from moecpt.train.config import load_config
+    from moecpt.config import load_config
 
     with pytest.raises(UserError, match="unknown key training.stepz; did you mean training.steps"):
         tiny_config("--training.stepz=3")
@@ -234,7 +234,7 @@ def test_resume_refuses_a_changed_mixture_unless_a_new_stage_is_asked_for(tiny_c
 
 
 def test_resolved_config_round_trips(tiny_config, tmp_path):
-    from moecpt.train.config import load_config, to_toml
+    from moecpt.config import load_config, to_toml
 
     cfg = tiny_config("--training.steps=5")
     (tmp_path / "resolved.toml").write_text(to_toml(cfg))
@@ -242,7 +242,7 @@ def test_resolved_config_round_trips(tiny_config, tmp_path):
 
 
 def test_swallow_recipe_config_holds_the_published_hyperparameters():
-    from moecpt.train.config import load_config
+    from moecpt.config import load_config
 
     cfg = load_config(REPO / "configs" / "swallow-mx-8x7b.toml")
     o, s, t = cfg.optimizer, cfg.schedule, cfg.training

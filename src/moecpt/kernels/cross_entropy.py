@@ -25,10 +25,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from moecpt.config import CHUNK_TOKENS, IGNORE_INDEX
 from moecpt.kernels._triton import row_block, triton_usable, warps_for
-
-IGNORE_INDEX = -100
-CHUNK_TOKENS = 2048  # tokens per chunk: [2048, 32000] fp32 logits are 250 MiB
 
 
 def linear_cross_entropy_reference(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor,

@@ -34,8 +34,8 @@ def _model_config(cfg):
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from moecpt.config import load_config
     from moecpt.parallel.plan import candidate_layouts, format_plan, parse_memory, plan_memory
-    from moecpt.train.config import load_config
 
     if args.gpus < 1:
         raise UserError("--gpus must be >= 1")

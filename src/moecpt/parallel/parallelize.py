@@ -25,10 +25,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.checkpoint import checkpoint
 
+from moecpt.config import ParallelSection
 from moecpt.errors import UserError
 from moecpt.model.mixtral import MixtralForCausalLM
 from moecpt.parallel.expert_parallel import apply_expert_parallel
-from moecpt.train.config import ParallelSection
 
 
 @dataclass

@@ -21,8 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from moecpt.config import TrainConfig, _build, apply_overrides, config_from_dict, read_toml
 from moecpt.errors import UserError
-from moecpt.train.config import TrainConfig, _build, apply_overrides, config_from_dict, read_toml
 
 DEFAULT_RECIPE = "mini"
 RECIPE_KEYS = {"name", "description", "run_dir", "corpora", "heldout", "train", "base", "cpt", "eval"}

@@ -220,7 +220,7 @@ class Pipeline:
 
 def print_stage_config(recipe: Recipe, stage: str) -> str:
     """The resolved `moecpt train` config of a training stage, as TOML (corpora resolved, init_from set)."""
-    from moecpt.train.config import to_toml
+    from moecpt.config import to_toml
 
     if stage == "base" and recipe.base is None:
         raise UserError(f"{recipe.source}: the recipe has no [base] stage")

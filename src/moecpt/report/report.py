@@ -174,7 +174,7 @@ def write_report(run_dir: str | Path) -> Path:
 def _recipe_name(run_dir: Path) -> str:
     recipe = run_dir / "recipe.toml"
     if recipe.is_file():
-        from moecpt.train.config import tomllib
+        from moecpt.config import tomllib
 
         return tomllib.loads(recipe.read_text()).get("name", run_dir.name)
     return run_dir.name

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from moecpt.train.config import load_config
+    from moecpt.config import load_config
     from moecpt.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from moecpt.train.config import OptimizerSection, ScheduleSection
+from moecpt.config import OptimizerSection, ScheduleSection
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moecpt.config import TrainConfig, to_toml
 from moecpt.data.loader import MixtureLoader, validation_batches
 from moecpt.data.mixture import MixtureDataset, parse_mixture, resolve_mixture
 from moecpt.data.tokenizer import Tokenizer, load_tokenizer
@@ -39,7 +40,6 @@ from moecpt.model.mixtral import MixtralForCausalLM
 from moecpt.parallel import dist as pdist
 from moecpt.parallel import parallelize as par
 from moecpt.train import checkpoint as ckpt_lib
-from moecpt.train.config import TrainConfig, to_toml
 from moecpt.train.metrics import (
     MetricsLogger,
     Throughput,

@@ -1,4 +1,5 @@
-"""The training configuration: a tree of typed dataclasses read from TOML, with `--section.key=value` overrides.
+"""The configuration every layer reads (bottom layer: imports nothing of moecpt but errors). The
+training configuration: a tree of typed dataclasses read from TOML, with `--section.key=value` overrides.
 
 Unknown keys and values of the wrong type are errors that name the key. The resolved configuration is
 written back as TOML into the run directory, so a run can always be repeated from its own `config.toml`.
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
-from moecpt.kernels.attention import SDPA_CHOICES
-from moecpt.kernels.cross_entropy import CHUNK_TOKENS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+IGNORE_INDEX = -100  # a target that takes no part in the loss (the PyTorch and Hugging Face convention)
+SDPA_CHOICES = ("auto", "cudnn", "flash", "efficient", "math")  # attention kernel preference on a GPU
+CHUNK_TOKENS = 2048  # tokens per chunk of the LM head + loss: [2048, 32000] fp32 logits are 250 MiB
 
 
 @dataclass
