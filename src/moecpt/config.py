@@ -226,7 +226,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+def dataclass_from_dict(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    """An instance of the dataclass `cls` from a TOML table, nested dataclasses from sub-tables. Keys are
+    checked against the fields (an unknown key is an error naming `prefix` + key, with the closest known one)
+    and values against the field types; errors name `source`."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -240,7 +243,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise UserError(f"{source}: {dotted} must be a table ([{dotted}])")
-            kwargs[key] = _build(tp, value, f"{dotted}.", source)
+            kwargs[key] = dataclass_from_dict(tp, value, f"{dotted}.", source)
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
@@ -292,7 +295,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def config_from_dict(data: dict[str, Any], source: str) -> TrainConfig:
     """A checked `TrainConfig` from a dict of TOML tables; errors name `source` and the key."""
-    config = _build(TrainConfig, data, "", source)
+    config = dataclass_from_dict(TrainConfig, data, "", source)
     config.validate()
     return config
 

@@ -153,11 +153,11 @@ def test_new_data_stage_starts_the_new_mixture_at_the_saved_count(dataset, shard
 def test_batch_layout(dataset):
     b = MixtureLoader(dataset, micro_batch=3).next_batch()
     assert b["tokens"].shape == (3, SEQ + 1) and b["position_ids"].shape == (3, SEQ)
-    cu = b["cu_seqlens"]
-    assert cu[0] == 0 and cu[-1] == 3 * SEQ and np.all(np.diff(cu) > 0)
-    assert {0, SEQ, 2 * SEQ} <= set(cu.tolist())  # no document crosses a sample boundary
+    assert b["corpus"].shape == (3,) and b["index"].tolist() == [0, 1, 2]
+    assert np.all(b["position_ids"][:, 0] == 0)  # no document crosses a sample boundary
     manual = collate([dataset[i] for i in range(3)])
-    assert np.array_equal(manual["cu_seqlens"], cu)
+    assert all(np.array_equal(manual[k], b[k]) for k in manual)
+    assert set(b) == {"tokens", "position_ids", "corpus", "index"}
 
 
 def test_validation_batches_cover_each_window_once_across_ranks(dataset):

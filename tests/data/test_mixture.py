@@ -13,6 +13,7 @@ from moecpt.data.mixture import DataExhaustedError, MixtureDataset, MixtureEntry
 from moecpt.data.preprocess import tokenize_corpus
 from moecpt.errors import UserError
 
+from ..corpora import corpus_file
 from .conftest import SWALLOW_MX
 
 
@@ -28,6 +29,8 @@ def test_parse_megatron_string_and_lists():
         MixtureEntry("y", 0.75, ("b", "c")),
     ]
     assert parse_mixture("data/only") == [MixtureEntry("only", 1.0, ("data/only",))]
+    assert parse_mixture(entries) is entries  # a parsed mixture is not parsed again
+    assert parse_mixture(list(entries)) == entries and parse_mixture(list(entries)) is not entries
     for bad, msg in [
         ("0.5 a 0.5", "pairs"),
         ("x a", "not a number"),
@@ -116,11 +119,12 @@ def test_document_boundaries_follow_eos(swallow_mixture, tokenizer):
     ds = MixtureDataset(swallow_mixture, seq_len=1024, seed=0)
     for i in range(0, 300, 7):
         s = ds[i]
-        tokens, cu, pos = s["tokens"], s["cu_seqlens"], s["position_ids"]
-        expected = np.concatenate([[0], np.flatnonzero(tokens[:1023] == tokenizer.eos_id) + 1, [1024]])
-        assert cu.tolist() == expected.tolist()
-        assert cu.dtype == np.int32 and pos.shape == (1024,)
-        for a, b in zip(cu[:-1], cu[1:], strict=True):
+        tokens, pos = s["tokens"], s["position_ids"]
+        assert pos.dtype == np.int64 and pos.shape == (1024,)
+        starts = np.concatenate([[0], np.flatnonzero(tokens[:1023] == tokenizer.eos_id) + 1])
+        assert np.flatnonzero(pos == 0).tolist() == starts.tolist()  # positions restart after each EOS
+        bounds = [*starts.tolist(), 1024]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             assert pos[a:b].tolist() == list(range(b - a))
 
 
@@ -196,8 +200,8 @@ def test_jsonl_sources_are_tokenized_into_the_cache_on_first_use(data_dir, tmp_p
     with pytest.raises(UserError, match=r"mixture entry 'ja': .*corpus/ja is not a shard .*--cache-dir"):
         resolve_mixture(spec, cache_dir=None)
     small = [
-        ("ja", 0.6, [str(data_dir / "corpus/ja/aozora_neko.jsonl")]),
-        ("en", 0.4, [str(data_dir / "corpus/en/ud_ewt.jsonl")]),
+        ("ja", 0.6, [str(corpus_file("ja/aozora_neko.jsonl"))]),
+        ("en", 0.4, [str(corpus_file("en/ud_ewt.jsonl"))]),
     ]
     entries = resolve_mixture(small, tmp_path / "cache")
     assert all(
@@ -207,7 +211,11 @@ def test_jsonl_sources_are_tokenized_into_the_cache_on_first_use(data_dir, tmp_p
     )
     assert resolve_mixture(small, tmp_path / "cache") == entries  # second use: the cached shards
     ds = MixtureDataset(entries, seq_len=128)
+    assert ds.entries is entries  # resolve_mixture's result is used as it is, not parsed again
     assert ds.report(100)[0]["samples"] == 60
+    # corpus names in the mixture stand for the sources listed under them (a training config's data.corpora)
+    named = resolve_mixture("0.6 ja 0.4 en", tmp_path / "cache", sources={n: s for n, _, s in small})
+    assert named == entries
 
 
 def test_shards_of_different_tokenizers_do_not_mix(shards, tmp_path):

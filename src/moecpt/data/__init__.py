@@ -2,38 +2,44 @@
 
 Modules: `tokenizer` (load_tokenizer), `indexed` (the .bin/.idx format), `preprocess` (tokenize_corpus,
 cached_shard), `mixture` (MixtureDataset), `loader` (MixtureLoader, DataLoaderState), `cli`. See docs/data.md.
-Nothing here imports torch: samples and batches are numpy arrays. The names below load on first use, so that
-`moecpt --help` and tokenizer worker processes stay light.
+Nothing here imports torch: samples and batches are numpy arrays, and the tokenizer libraries load on first
+use, so tokenizer worker processes and the command line stay light.
 """
 
 from __future__ import annotations
 
-_LAZY = {
-    "Tokenizer": "moecpt.data.tokenizer",
-    "load_tokenizer": "moecpt.data.tokenizer",
-    "IndexedShard": "moecpt.data.indexed",
-    "ShardWriter": "moecpt.data.indexed",
-    "tokenize_corpus": "moecpt.data.preprocess",
-    "cached_shard": "moecpt.data.preprocess",
-    "TokenizeReport": "moecpt.data.preprocess",
-    "MixtureEntry": "moecpt.data.mixture",
-    "MixtureDataset": "moecpt.data.mixture",
-    "ValidationDataset": "moecpt.data.mixture",
-    "DataExhaustedError": "moecpt.data.mixture",
-    "parse_mixture": "moecpt.data.mixture",
-    "resolve_mixture": "moecpt.data.mixture",
-    "shared_corpus_mixture": "moecpt.data.mixture",
-    "MixtureLoader": "moecpt.data.loader",
-    "DataLoaderState": "moecpt.data.loader",
-    "validation_batches": "moecpt.data.loader",
-}
+from moecpt.data.indexed import IndexedShard, ShardWriter
+from moecpt.data.loader import DataLoaderState, MixtureLoader, validation_batches
+from moecpt.data.mixture import (
+    DataExhaustedError,
+    Mixture,
+    MixtureDataset,
+    MixtureEntry,
+    ValidationDataset,
+    parse_mixture,
+    resolve_mixture,
+    shared_corpus_mixture,
+)
+from moecpt.data.preprocess import TokenizeReport, cached_shard, tokenize_corpus
+from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moecpt.data' has no attribute {name!r}")
+__all__ = [
+    "DataExhaustedError",
+    "DataLoaderState",
+    "IndexedShard",
+    "Mixture",
+    "MixtureDataset",
+    "MixtureEntry",
+    "MixtureLoader",
+    "ShardWriter",
+    "TokenizeReport",
+    "Tokenizer",
+    "ValidationDataset",
+    "cached_shard",
+    "load_tokenizer",
+    "parse_mixture",
+    "resolve_mixture",
+    "shared_corpus_mixture",
+    "tokenize_corpus",
+    "validation_batches",
+]

@@ -12,7 +12,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="tokenize corpora into shards, inspect mixtures")
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    _add_tokenize(sub)
+    _add_mix_report(sub)
+    _add_inspect(sub)
 
+
+def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tokenize",
         help="JSON Lines (or .txt) files -> Megatron token shard PREFIX.bin/.idx",
@@ -39,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_tokenize)
 
+
+def _add_mix_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "mix-report",
         help="per-corpus shares, epochs and repeats of a mixture over N samples",
@@ -68,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_mix_report)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="header, counts and sidecar of a shard; decode its first documents")
     p.add_argument("prefix", metavar="PREFIX")
     p.add_argument(

@@ -6,9 +6,8 @@ world_size = 1 order. Because the state counts global samples, a run may resume 
 ranks. Nothing is re-sharded or re-iterated: the loader only ever computes sample indices.
 
 Batches are dicts of numpy arrays (convert with `torch.from_numpy`; `moecpt.data` does not import torch):
-`tokens` int64 [B, seq_len + 1], `position_ids` int64 [B, seq_len], `cu_seqlens` int32 [n + 1] (document
-boundaries over the B * seq_len flattened inputs, the layout of varlen attention kernels), `corpus` int64 [B]
-and `index` int64 [B] (the global sample indices).
+`tokens` int64 [B, seq_len + 1], `position_ids` int64 [B, seq_len] (restarting at 0 at each document start),
+`corpus` int64 [B] and `index` int64 [B] (the global sample indices).
 """
 
 from __future__ import annotations
@@ -151,15 +150,10 @@ class MixtureLoader:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Stack samples into a batch; cu_seqlens are offset into the flattened [B * seq_len] inputs."""
-    seq_len = samples[0]["position_ids"].size
-    cu = [samples[0]["cu_seqlens"][:-1]]
-    cu += [s["cu_seqlens"][:-1] + i * seq_len for i, s in enumerate(samples) if i > 0]
-    cu.append(np.array([len(samples) * seq_len], dtype=np.int32))
+    """Stack samples into a batch."""
     return {
         "tokens": np.stack([s["tokens"] for s in samples]),
         "position_ids": np.stack([s["position_ids"] for s in samples]),
-        "cu_seqlens": np.concatenate(cu).astype(np.int32),
         "corpus": np.array([s["corpus"] for s in samples], dtype=np.int64),
     }
 

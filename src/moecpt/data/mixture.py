@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -54,18 +54,26 @@ class MixtureEntry:
     prefixes: tuple[str, ...]
 
 
+class Mixture(list):
+    """A parsed mixture: `MixtureEntry`s with weights that sum to 1 and distinct names, as `parse_mixture` and
+    `resolve_mixture` return it. Both of them and `MixtureDataset` take it as it is, without parsing it again
+    (so do not change it in place)."""
+
+
 MixtureSpec = (
     str | Sequence[MixtureEntry | tuple[float, str | Sequence[str]] | tuple[str, float, str | Sequence[str]]]
 )
 
 
-def parse_mixture(spec: MixtureSpec) -> list[MixtureEntry]:
+def parse_mixture(spec: MixtureSpec) -> Mixture:
     """Read a mixture from the Megatron string form or a list; weights are normalised to sum to 1.
 
     String form: `"0.644 ja 0.256 en 0.1 code"` (weight, prefix pairs), where a prefix may name a group as
     `name=prefix1,prefix2`; a single prefix alone means weight 1. List form: `MixtureEntry`s, `(weight,
-    prefix_or_prefixes)` or `(name, weight, prefix_or_prefixes)` tuples.
+    prefix_or_prefixes)` or `(name, weight, prefix_or_prefixes)` tuples. A `Mixture` is returned as it is.
     """
+    if isinstance(spec, Mixture):
+        return spec
     raw: list[tuple[str | None, float, tuple[str, ...]]] = []
     if isinstance(spec, str):
         parts = spec.split()
@@ -93,7 +101,7 @@ def parse_mixture(spec: MixtureSpec) -> list[MixtureEntry]:
     if not raw:
         raise UserError("the mixture is empty")
     total = sum(w for _, w, _ in raw)
-    entries, names = [], set()
+    entries, names = Mixture(), set()
     for name, w, prefixes in raw:
         name = name or (Path(prefixes[0]).name + (f"+{len(prefixes) - 1}" if len(prefixes) > 1 else ""))
         if name in names:
@@ -137,16 +145,23 @@ def resolve_mixture(
     cache_dir: str | os.PathLike | None,
     tokenizer: str | os.PathLike | None = None,
     workers: int = 1,
-) -> list[MixtureEntry]:
+    sources: Mapping[str, Sequence[str]] | None = None,
+) -> Mixture:
     """Replace every source in the mixture that is not a shard prefix (a JSON Lines file, glob or directory) by
-    its shard in `cache_dir`, tokenizing it on first use (see `cached_shard`)."""
+    its shard in `cache_dir`, tokenizing it on first use (see `cached_shard`).
+
+    `sources` names corpora (a training config's `data.corpora`): a prefix of the mixture that is one of its
+    keys stands for the sources listed under it. The mixture is parsed once, here; the result goes to
+    `MixtureDataset` as it is.
+    """
     from moecpt.data.indexed import shard_exists
     from moecpt.data.preprocess import cached_shard
 
-    entries = []
+    sources = sources or {}
+    entries = Mixture()
     for e in parse_mixture(spec):
         prefixes = []
-        for p in e.prefixes:
+        for p in (src for name in e.prefixes for src in sources.get(name, [name])):
             if shard_exists(p):
                 prefixes.append(p)
             elif cache_dir is None:
@@ -249,20 +264,20 @@ class Corpus:
 
 
 def _sample_dict(tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, corpus: int) -> dict[str, Any]:
-    """Inputs are tokens[:-1], labels tokens[1:]; position ids and cu_seqlens describe the inputs' documents."""
+    """Inputs are tokens[:-1], labels tokens[1:]; position ids restart at 0 where a document of the inputs
+    starts."""
     starts = doc_starts[doc_starts < seq_len]
-    cu = np.append(starts, seq_len).astype(np.int32)
-    position_ids = np.arange(seq_len, dtype=np.int64) - np.repeat(starts, np.diff(cu))
-    return {"tokens": tokens, "position_ids": position_ids, "cu_seqlens": cu, "corpus": corpus}
+    lengths = np.diff(np.append(starts, seq_len))
+    position_ids = np.arange(seq_len, dtype=np.int64) - np.repeat(starts, lengths)
+    return {"tokens": tokens, "position_ids": position_ids, "corpus": corpus}
 
 
 class MixtureDataset:
     """Training samples of a mixture: `dataset[i]` is global sample i (see the module docstring).
 
     Each sample is a dict of numpy arrays: `tokens` int64 [seq_len + 1] (inputs `tokens[:-1]`, labels
-    `tokens[1:]`), `position_ids` int64 [seq_len] restarting at 0 at each document start, `cu_seqlens` int32
-    (document boundaries of the inputs, 0 first and seq_len last, for intra-document attention) and `corpus`
-    (index of the mixture entry). `len(dataset)` is the number of samples before any corpus would repeat.
+    `tokens[1:]`), `position_ids` int64 [seq_len] restarting at 0 at each document start (the document
+    boundaries, for intra-document attention) and `corpus` (index of the mixture entry). `len(dataset)` is the number of samples before any corpus would repeat.
     """
 
     def __init__(

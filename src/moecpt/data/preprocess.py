@@ -259,10 +259,7 @@ def tokenize_corpus(
     (`append_bos`/`append_eos` change that). `workers` > 1 encodes in that many processes; the output is the
     same either way. Written under temporary names and renamed only when complete.
     """
-    try:
-        codec = codecs.lookup(encoding).name
-    except LookupError:
-        raise UserError(f"unknown encoding {encoding!r} (try utf-8, cp932, euc-jp)") from None
+    codec = _codec_name(encoding)
     files = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
@@ -280,44 +277,9 @@ def tokenize_corpus(
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
     t0 = time.perf_counter()
     writer = ShardWriter(output, dtype)
-    pool = None
     try:
-        if workers <= 1:
-            for chunk in _chunks(iter(reader)):
-                writer.add_documents(*encode_documents(tok, chunk, dtype, bos, eos))
-                bar.update(report.num_bytes - bar.n)
-        else:
-            pool = mp.get_context().Pool(workers, _init_worker, (tok.path, dtype.str, bos, eos))
-            pending: deque = deque()
-            for chunk in _chunks(iter(reader)):
-                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-                while len(pending) > 2 * workers:
-                    writer.add_documents(*pending.popleft().get())
-                bar.update(report.num_bytes - bar.n)
-            while pending:
-                writer.add_documents(*pending.popleft().get())
-        meta = {
-            "tokenizer": {
-                "path": tok.path,
-                "sha256": tok.fingerprint,
-                "vocab_size": tok.vocab_size,
-                "bos_id": tok.bos_id,
-                "eos_id": tok.eos_id,
-            },
-            "append_bos": append_bos,
-            "append_eos": append_eos,
-            "text_key": text_key,
-            "encoding": codec,
-            "sources": [
-                {"path": str(f), "sha256": file_sha256(f), "bytes": f.stat().st_size, "documents": n}
-                for f, n in zip(files, reader.documents_per_file, strict=True)
-            ],
-            "skipped": {
-                "empty_documents": report.empty_documents,
-                "blank_lines": report.blank_lines,
-                "invalid_json_lines": report.invalid_json_lines,
-            },
-        }
+        _encode_into(writer, reader, tok, dtype, bos, eos, workers, bar)
+        meta = _shard_meta(tok, reader, append_bos=append_bos, append_eos=append_eos)
         if report.num_documents == 0:
             raise UserError(f"{', '.join(map(str, files))}: no non-empty documents; nothing to write")
         writer.finish(meta)
@@ -326,12 +288,75 @@ def tokenize_corpus(
         raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     report.num_tokens = writer.num_tokens
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _codec_name(encoding: str) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise UserError(f"unknown encoding {encoding!r} (try utf-8, cp932, euc-jp)") from None
+
+
+def _encode_into(
+    writer: ShardWriter,
+    reader: _Reader,
+    tok: Tokenizer,
+    dtype: np.dtype,
+    bos: int | None,
+    eos: int | None,
+    workers: int,
+    bar: Any,
+) -> None:
+    """Encode the reader's documents, in order, into `writer`: here, or in `workers` processes with at most
+    2 x workers chunks in flight."""
+    if workers <= 1:
+        for chunk in _chunks(iter(reader)):
+            writer.add_documents(*encode_documents(tok, chunk, dtype, bos, eos))
+            bar.update(reader.report.num_bytes - bar.n)
+        return
+    pool = mp.get_context().Pool(workers, _init_worker, (tok.path, dtype.str, bos, eos))
+    try:
+        pending: deque = deque()
+        for chunk in _chunks(iter(reader)):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            while len(pending) > 2 * workers:
+                writer.add_documents(*pending.popleft().get())
+            bar.update(reader.report.num_bytes - bar.n)
+        while pending:
+            writer.add_documents(*pending.popleft().get())
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _shard_meta(tok: Tokenizer, reader: _Reader, append_bos: bool, append_eos: bool) -> dict[str, Any]:
+    """The shard's sidecar (.meta.json): tokenizer, options, sources with their hashes, and what was skipped."""
+    report = reader.report
+    return {
+        "tokenizer": {
+            "path": tok.path,
+            "sha256": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+        },
+        "append_bos": append_bos,
+        "append_eos": append_eos,
+        "text_key": reader.text_key,
+        "encoding": reader.encoding,
+        "sources": [
+            {"path": str(f), "sha256": file_sha256(f), "bytes": f.stat().st_size, "documents": n}
+            for f, n in zip(reader.files, reader.documents_per_file, strict=True)
+        ],
+        "skipped": {
+            "empty_documents": report.empty_documents,
+            "blank_lines": report.blank_lines,
+            "invalid_json_lines": report.invalid_json_lines,
+        },
+    }
 
 
 def cached_shard(

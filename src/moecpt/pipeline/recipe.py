@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from moecpt.config import TrainConfig, _build, apply_overrides, config_from_dict, read_toml
+from moecpt.config import TrainConfig, apply_overrides, config_from_dict, dataclass_from_dict, read_toml
 from moecpt.errors import UserError
 
 DEFAULT_RECIPE = "mini"
@@ -105,7 +105,7 @@ def load_recipe(path: str | Path | None, run_dir: str | None = None, overrides: 
         raise UserError(f"{path}: [cpt] init_from = \"base\" but the recipe has no [base] stage; add one or set "
                         "init_from to a Hugging Face directory")
     corpora = {k: [v] if isinstance(v, str) else list(v) for k, v in data["corpora"].items()}
-    ev = _build(EvalSection, data.get("eval", {}), "eval.", str(path))
+    ev = dataclass_from_dict(EvalSection, data.get("eval", {}), "eval.", str(path))
     return Recipe(
         name=data["name"], run_dir=Path(run_dir or data.get("run_dir") or f"runs/{data['name']}"), corpora=corpora,
         heldout=dict(data.get("heldout", {})), train=data.get("train", {}), base=data.get("base"), cpt=data["cpt"],

@@ -9,7 +9,8 @@ from moecpt.errors import UserError
 from moecpt.train.metrics import read_metrics
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -28,7 +29,7 @@ def _line_plot(path: Path, title: str, ylabel: str, curves: dict[str, tuple[list
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, (x, y) in curves.items():
         ax.plot(x, y, label=label, marker="o" if len(x) < 30 else None, markersize=3)
@@ -74,7 +75,7 @@ def _expert_heatmap(path: Path, records: list[dict[str, Any]]) -> Path | None:
     rows = [r for r in records if "expert_load_max" in r]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     grid = np.array([r["expert_load_max"] for r in rows]).T  # [layers, steps]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
-from moecpt.report.plots import _pyplot, plot_run
+from moecpt.report.plots import plot_run, pyplot
 from moecpt.train.metrics import read_metrics
 
 
@@ -44,7 +44,7 @@ def _forgetting_figure(path: Path, table: dict[str, dict[str, float]]) -> Path |
     langs = [k for k, v in table.items() if v.get("base") is not None and v.get("cpt") is not None]
     if not langs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = range(len(langs))
     ax.bar([i - 0.2 for i in x], [table[k]["base"] for k in langs], width=0.4, label="base")
@@ -92,36 +92,9 @@ def write_report(run_dir: str | Path) -> Path:
     if "cpt" not in stages or base_res is None or cpt_res is None:
         raise UserError(f"{run_dir}: the run has not finished its cpt and eval stages; run `moecpt run` first")
     recipe_name = _recipe_name(run_dir)
-    figures = run_dir / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
     heldout = heldout_table(base_res, cpt_res)
-    made = {"forgetting": _forgetting_figure(figures / "heldout_bpb.png", heldout)}
-    for stage in ("base", "cpt"):
-        if stage in stages and read_metrics(stages[stage]["run_dir"]):
-            for p in plot_run(stages[stage]["run_dir"], figures / stage):
-                made[f"{stage}/{p.stem}"] = p
-
-    training = {}
-    for stage in ("base", "cpt"):
-        info = stages.get(stage)
-        if not info:
-            continue
-        records = [r for r in read_metrics(info["run_dir"]) if "tokens_per_s" in r]
-        tps = [r["tokens_per_s"] for r in records]
-        last = records[-1] if records else {}
-        kind = "GPU" if info["device"].startswith("cuda") else "CPU"
-        training[stage] = {
-            "steps": info["steps"], "tokens": info["tokens"], "mixture": info["mixture"],
-            "params": info["params"], "active_params": info["active_params"],
-            "device": info["device"], "world_size": info["world_size"],
-            "tokens_per_s": sum(tps) / len(tps) if tps else None,
-            "wall_seconds": info["train_seconds"], "steps_this_session": info["steps_this_session"],
-            f"{kind.lower()}_hours": info["train_seconds"] * info["world_size"] / 3600,
-            "final_loss": last.get("loss"), "final_lb_loss": last.get("lb_loss"),
-            "expert_load_max": last.get("expert_load_max"), "expert_idle": last.get("expert_idle"),
-            "mixture_report": info["mixture_report"],
-        }
-
+    made = _draw_figures(run_dir, stages, heldout)
+    training = {stage: training_summary(stages[stage]) for stage in ("base", "cpt") if stages.get(stage)}
     summary = {
         "recipe": recipe_name, "report_dir": str(run_dir), "heldout_bpb": heldout,
         "eval": {"base": base_res, "cpt": cpt_res},
@@ -129,46 +102,87 @@ def write_report(run_dir: str | Path) -> Path:
         "training": training, "figures": {k: str(v.relative_to(run_dir)) for k, v in made.items() if v},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-
     md = [f"# moecpt report: {recipe_name}", "",
           "Continual pre-training study: a base model, then continual pre-training on a new mixture, evaluated "
           "before and after.", ""]
     md += ["## Evaluation", "", *_eval_table(base_res, cpt_res), ""]
-    md += ["## Held-out loss per language (bits per byte, lower is better)", "",
-           "| language | base | continually pre-trained | difference |", "|---|---|---|---|"]
-    for lang, v in heldout.items():
-        md.append(f"| {lang} | {_fmt(v.get('base'))} | {_fmt(v.get('cpt'))} | "
-                  f"{'n/a' if 'delta' not in v else format(v['delta'], '+.4f')} |")
-    if made.get("forgetting"):
-        md += ["", "![held-out loss before and after](figures/heldout_bpb.png)"]
+    md += _heldout_section(heldout, made)
     for stage, info in training.items():
-        title = "Base pre-training" if stage == "base" else "Continual pre-training"
-        md += ["", f"## {title} (`{stage}`)", "",
-               f"{info['steps']} steps, {info['tokens']:,} tokens, mixture `{info['mixture']}`, "
-               f"{info['params'] / 1e6:.1f}M parameters ({info['active_params'] / 1e6:.1f}M active), "
-               f"{info['device']} x {info['world_size']}.", "",
-               "| corpus | weight | realised share | epochs | training tokens available |", "|---|---|---|---|---|"]
-        for row in info["mixture_report"]:
-            md.append(f"| {row['name']} | {row['weight']:.3f} | {row['share']:.3f} | {row['epochs']:.2f} | "
-                      f"{row['train_tokens']:,} |")
-        hours = info.get("gpu_hours", info.get("cpu_hours"))
-        kind = "GPU" if "gpu_hours" in info else "CPU"
-        md += ["", f"Throughput {_fmt(info['tokens_per_s'], 0)} tokens/s; {info['wall_seconds']:.0f} s of training "
-                   f"in the last session ({info['steps_this_session']} steps) = {hours:.3f} {kind}-hours. "
-                   f"Final loss {_fmt(info['final_loss'])}, load-balancing loss {_fmt(info['final_lb_loss'])}."]
-        if info["expert_load_max"]:
-            md += ["", "Expert load at the last logged step (busiest expert / mean; experts with no token):", "",
-                   "| layer | max/mean | idle |", "|---|---|---|"]
-            md += [f"| {i} | {m:.2f} | {z} |" for i, (m, z) in
-                   enumerate(zip(info["expert_load_max"], info["expert_idle"], strict=True))]
-        for fig in ("loss", "lb_loss", "lr", "val_bpb", "expert_load"):
-            if f"{stage}/{fig}" in made:
-                md += ["", f"![{stage} {fig}](figures/{stage}/{fig}.png)"]
+        md += _training_section(stage, info, made)
     md += ["", "Files: `summary.json` (all figures above as data), `eval/base`, `eval/cpt` (predictions and "
                "results), `hf/` (the continually pre-trained model), `base/`, `cpt/` (training runs).", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def _draw_figures(run_dir: Path, stages: dict[str, dict[str, Any]],
+                  heldout: dict[str, dict[str, float]]) -> dict[str, Path | None]:
+    """The forgetting figure and each training stage's curves, in RUN_DIR/figures; keyed by figure name."""
+    figures = run_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    made = {"forgetting": _forgetting_figure(figures / "heldout_bpb.png", heldout)}
+    for stage in ("base", "cpt"):
+        if stage in stages and read_metrics(stages[stage]["run_dir"]):
+            for p in plot_run(stages[stage]["run_dir"], figures / stage):
+                made[f"{stage}/{p.stem}"] = p
+    return made
+
+
+def training_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """What a training stage did and cost, from its stage record and the metrics of its run directory."""
+    records = [r for r in read_metrics(info["run_dir"]) if "tokens_per_s" in r]
+    tps = [r["tokens_per_s"] for r in records]
+    last = records[-1] if records else {}
+    kind = "GPU" if info["device"].startswith("cuda") else "CPU"
+    return {
+        "steps": info["steps"], "tokens": info["tokens"], "mixture": info["mixture"],
+        "params": info["params"], "active_params": info["active_params"],
+        "device": info["device"], "world_size": info["world_size"],
+        "tokens_per_s": sum(tps) / len(tps) if tps else None,
+        "wall_seconds": info["train_seconds"], "steps_this_session": info["steps_this_session"],
+        f"{kind.lower()}_hours": info["train_seconds"] * info["world_size"] / 3600,
+        "final_loss": last.get("loss"), "final_lb_loss": last.get("lb_loss"),
+        "expert_load_max": last.get("expert_load_max"), "expert_idle": last.get("expert_idle"),
+        "mixture_report": info["mixture_report"],
+    }
+
+
+def _heldout_section(heldout: dict[str, dict[str, float]], made: dict[str, Path | None]) -> list[str]:
+    md = ["## Held-out loss per language (bits per byte, lower is better)", "",
+          "| language | base | continually pre-trained | difference |", "|---|---|---|---|"]
+    for lang, v in heldout.items():
+        md.append(f"| {lang} | {_fmt(v.get('base'))} | {_fmt(v.get('cpt'))} | "
+                  f"{'n/a' if 'delta' not in v else format(v['delta'], '+.4f')} |")
+    if made.get("forgetting"):
+        md += ["", "![held-out loss before and after](figures/heldout_bpb.png)"]
+    return md
+
+
+def _training_section(stage: str, info: dict[str, Any], made: dict[str, Path | None]) -> list[str]:
+    title = "Base pre-training" if stage == "base" else "Continual pre-training"
+    md = ["", f"## {title} (`{stage}`)", "",
+          f"{info['steps']} steps, {info['tokens']:,} tokens, mixture `{info['mixture']}`, "
+          f"{info['params'] / 1e6:.1f}M parameters ({info['active_params'] / 1e6:.1f}M active), "
+          f"{info['device']} x {info['world_size']}.", "",
+          "| corpus | weight | realised share | epochs | training tokens available |", "|---|---|---|---|---|"]
+    for row in info["mixture_report"]:
+        md.append(f"| {row['name']} | {row['weight']:.3f} | {row['share']:.3f} | {row['epochs']:.2f} | "
+                  f"{row['train_tokens']:,} |")
+    hours = info.get("gpu_hours", info.get("cpu_hours"))
+    kind = "GPU" if "gpu_hours" in info else "CPU"
+    md += ["", f"Throughput {_fmt(info['tokens_per_s'], 0)} tokens/s; {info['wall_seconds']:.0f} s of training "
+               f"in the last session ({info['steps_this_session']} steps) = {hours:.3f} {kind}-hours. "
+               f"Final loss {_fmt(info['final_loss'])}, load-balancing loss {_fmt(info['final_lb_loss'])}."]
+    if info["expert_load_max"]:
+        md += ["", "Expert load at the last logged step (busiest expert / mean; experts with no token):", "",
+               "| layer | max/mean | idle |", "|---|---|---|"]
+        md += [f"| {i} | {m:.2f} | {z} |" for i, (m, z) in
+               enumerate(zip(info["expert_load_max"], info["expert_idle"], strict=True))]
+    for fig in ("loss", "lb_loss", "lr", "val_bpb", "expert_load"):
+        if f"{stage}/{fig}" in made:
+            md += ["", f"![{stage} {fig}](figures/{stage}/{fig}.png)"]
+    return md
 
 
 def _recipe_name(run_dir: Path) -> str:
