@@ -27,7 +27,7 @@ from moecpt.kernels.cross_entropy import linear_cross_entropy
 from moecpt.kernels.rmsnorm import rms_norm, rms_norm_reference
 from moecpt.kernels.rope import apply_rope, rope_reference
 from moecpt.kernels.swiglu import swiglu, swiglu_reference
-from moecpt.model.mixtral import rope_cos_sin
+from moecpt.model.layers import rope_cos_sin
 
 
 def parse_args() -> argparse.Namespace:

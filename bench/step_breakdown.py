@@ -30,14 +30,15 @@ import torch
 
 from moecpt.kernels.attention import sdpa_backend
 from moecpt.kernels.cross_entropy import linear_cross_entropy
-from moecpt.model.mixtral import rope_cos_sin
+from moecpt.model.layers import rope_cos_sin
+from moecpt.parallel import parallelize as par
 from moecpt.train.trainer import Trainer
 from train_step import build_parser, moecpt_config, sig, sync, time_steps
 
 
 def piece_timers(trainer: Trainer, batch: int, seq: int) -> dict[str, Any]:
     """name -> (callable running one forward + backward, how many times a step runs it)."""
-    model, dev = trainer.model, trainer.device
+    model, dev = trainer.model, trainer.rt.device
     c = trainer.model_config
     H, L, K = c.hidden_size, c.num_hidden_layers, c.num_experts_per_tok
     layer = model.layers[0]
@@ -46,7 +47,7 @@ def piece_timers(trainer: Trainer, batch: int, seq: int) -> dict[str, Any]:
     dy = torch.randn(batch, seq, H, device=dev, generator=g)
     cos, sin = rope_cos_sin(torch.arange(seq, device=dev).expand(batch, seq), c.attn_head_dim, c.rope_theta)
     targets = torch.randint(0, c.vocab_size, (batch * seq,), device=dev, generator=g)
-    amp = dict(device_type=dev.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None)
+    amp = dict(device_type=dev.type, dtype=trainer.rt.amp_dtype or torch.float32, enabled=trainer.rt.amp_dtype is not None)
 
     # The experts' own inputs: the block's routed rows, sorted by expert, with its offsets.
     with torch.no_grad(), torch.autocast(**amp):
@@ -83,8 +84,8 @@ def piece_timers(trainer: Trainer, batch: int, seq: int) -> dict[str, Any]:
     def lm_head_loss() -> None:
         with torch.autocast(**amp):
             h = model.norm(x).reshape(-1, H)
-            loss = linear_cross_entropy(h, model.lm_head.weight, targets, model.loss_chunk_tokens,
-                                        fused=model.fused_loss)
+            loss = linear_cross_entropy(h, model.lm_head.weight, targets, model.loss_fn.chunk_tokens,
+                                        fused=model.loss_fn.fused)
         loss.sum().backward()
 
     for p in model.parameters():
@@ -92,7 +93,7 @@ def piece_timers(trainer: Trainer, batch: int, seq: int) -> dict[str, Any]:
             p.grad = torch.zeros_like(p)
 
     def optimizer() -> None:
-        trainer._clip_grad_norm()
+        par.clip_grad_norm_(model.parameters(), trainer.cfg.optimizer.grad_clip or float("inf"))
         trainer.optimizer.step()
 
     return {"attention": (attention, L), "moe block": (moe_block, L), "experts": (experts, L),
@@ -105,7 +106,7 @@ def main() -> None:
     args = p.parse_args()
     tokens = args.micro_batch * args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(moecpt_config(args, Path(tmp)))
+        trainer = Trainer.from_config(moecpt_config(args, Path(tmp)))
         with sdpa_backend(args.sdpa, args.device):
             step = time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, args.device)
             pieces = {}
@@ -121,11 +122,11 @@ def main() -> None:
     # "rmsnorm" stands for the post-attention norm of each layer; the input norm is inside "attention".
     ms["rest"] = step_s * 1e3 - sum(ms[k] for k in shown)
     print(f"{trainer.model_config.num_hidden_layers} layers, {tokens} tokens a step, "
-          f"{'Triton' if trainer.fused_kernels else 'PyTorch'} kernels, step {step_s * 1e3:.1f} ms", flush=True)
+          f"{'Triton' if trainer.rt.fused_kernels else 'PyTorch'} kernels, step {step_s * 1e3:.1f} ms", flush=True)
     for k in [*shown, "rest"]:
         print(f"  {k:22s} {ms[k]:9.2f} ms  {ms[k] / (step_s * 1e3):6.1%}", flush=True)
     result = {"bench": "step_breakdown", "shape": args.shape, "tokens_per_step": tokens,
-              "triton_kernels": trainer.fused_kernels, "sdpa": args.sdpa, "step_ms": sig(step_s * 1e3),
+              "triton_kernels": trainer.rt.fused_kernels, "sdpa": args.sdpa, "step_ms": sig(step_s * 1e3),
               "pieces_ms": {k: sig(ms[k]) for k in [*shown, "rest"]},
               "shares": {k: sig(ms[k] / (step_s * 1e3), 3) for k in [*shown, "rest"]}}
     print(json.dumps(result))

@@ -185,13 +185,13 @@ def moecpt_config(args: argparse.Namespace, tmp: Path) -> TrainConfig:
 
 
 def run_moecpt(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    trainer = Trainer(moecpt_config(args, tmp))
+    trainer = Trainer.from_config(moecpt_config(args, tmp))
     reset_peak_memory(args.device)
     r = time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, args.device)
-    r["triton_kernels"] = trainer.fused_kernels
+    r["triton_kernels"] = trainer.rt.fused_kernels
     r["peak_memory_gib"] = peak_memory_gib(args.device)
     r["params_M"] = trainer.model.num_params() / 1e6
-    r["autocast"] = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "float32"
+    r["autocast"] = str(trainer.rt.amp_dtype).removeprefix("torch.") if trainer.rt.amp_dtype else "float32"
     return r  # the trainer, its model and optimizer go with this frame
 
 

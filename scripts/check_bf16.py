@@ -85,7 +85,7 @@ def run(cfg: Any) -> list[float]:
     from moecpt.config import to_toml
     from moecpt.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))

@@ -9,9 +9,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MixtralConfig": "moecpt.model.config",
-    "MixtralForCausalLM": "moecpt.model.mixtral",
-    "from_pretrained": "moecpt.model.hf",
+    "MixtralConfig": "moecpt.model",
+    "MixtralForCausalLM": "moecpt.model",
+    "from_pretrained": "moecpt.model",
+    "build_model": "moecpt.model",
 }
 
 __all__ = ["__version__", *_LAZY]

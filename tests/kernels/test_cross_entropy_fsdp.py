@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from moecpt.kernels import cross_entropy
+from moecpt.model import MixtralForCausalLM
 from moecpt.model.config import MixtralConfig
-from moecpt.model.mixtral import MixtralForCausalLM
 from moecpt.parallel import parallelize as par
 
 

@@ -14,9 +14,11 @@ import moecpt.kernels.cross_entropy as ce_mod
 import moecpt.kernels.rmsnorm as rms_mod
 import moecpt.kernels.rope as rope_mod
 import moecpt.kernels.swiglu as swiglu_mod
+from moecpt.config import IGNORE_INDEX
 from moecpt.kernels._triton import interpreting, triton_usable, why_not_triton
+from moecpt.model import MixtralForCausalLM
 from moecpt.model.config import MixtralConfig
-from moecpt.model.mixtral import IGNORE_INDEX, MixtralForCausalLM, rope_cos_sin
+from moecpt.model.layers import rope_cos_sin
 
 pytest.importorskip("triton", reason="the fused kernels need Triton (pip install triton)")
 

@@ -11,7 +11,7 @@ import pytest
 
 from moecpt.config import load_config
 
-from ..tiny_config import tiny_config_toml, tiny_corpora
+from ..tiny_config import tiny_config_toml
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 240  # seconds for one multi-process run; a hang fails the test instead of blocking CI
@@ -33,12 +33,12 @@ def torchrun(nproc: int, args: list[str], timeout: float = RUN_TIMEOUT) -> subpr
 
 
 @pytest.fixture(scope="module")
-def parallel_config(tmp_path_factory, shared_data) -> Path:
+def parallel_config(tmp_path_factory, tiny_corpora) -> Path:
     """The tiny config (tests/tiny_config.py): 4 steps of 4 sequences, micro-batch 1 (so that the
     load-balancing loss, a per-micro-batch mean, is the same whatever the number of ranks), checkpoints at
     steps 2 and 4."""
     root = tmp_path_factory.mktemp("parallel")
-    text = tiny_config_toml(root / "run", root / "shards", tiny_corpora(shared_data), resume="never", changes={
+    text = tiny_config_toml(root / "run", root / "shards", tiny_corpora, resume="never", changes={
         "schedule": {"warmup_steps": 2}, "training": {"steps": 4, "micro_batch": 1},
         "checkpoint": {"interval": 2}, "logging": {"val_batches": 1}})
     path = root / "cfg.toml"

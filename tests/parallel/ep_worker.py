@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from moecpt.config import OptimizerSection, ParallelSection
+from moecpt.model import MixtralForCausalLM
 from moecpt.model.config import MixtralConfig
-from moecpt.model.mixtral import MixtralForCausalLM
 from moecpt.model.moe import SparseMoeBlock
-from moecpt.parallel.parallelize import clip_grad_norm_, init_weights, parallelize
+from moecpt.parallel.parallelize import clip_grad_norm_, parallelize
 from moecpt.train.optim import build_optimizer
 
 CONFIG = MixtralConfig.from_preset("tiny", vocab_size=256, hidden_size=32, intermediate_size=48,
@@ -56,7 +56,7 @@ def main() -> None:
     n_global = tokens_all[:, 1:].numel()
 
     ref = MixtralForCausalLM(cfg)
-    init_weights(ref, seed=3)
+    ref.init_weights(torch.Generator().manual_seed(3))
     out = ref(tokens_all[:, :-1], targets=tokens_all[:, 1:])
     (out.token_loss.sum() / n_global).backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
@@ -68,7 +68,7 @@ def main() -> None:
             model = MixtralForCausalLM(cfg)
         parallelize(model, ParallelSection(expert_parallel=ep), torch.device("cpu"), world, None)
         model.to_empty(device="cpu")
-        init_weights(model, seed=3)
+        model.init_weights(torch.Generator().manual_seed(3))
         opt = build_optimizer(model, OptimizerSection(lr=1e-3), torch.device("cpu"))
         for _ in range(2):  # twice: the collectives of a second step must line up as well
             opt.zero_grad(set_to_none=True)

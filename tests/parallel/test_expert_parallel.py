@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 
 from moecpt.config import ParallelSection
 from moecpt.errors import UserError
-from moecpt.model.mixtral import MixtralForCausalLM
+from moecpt.model import MixtralForCausalLM
 from moecpt.parallel.parallelize import check_layout, parallelize
 from moecpt.parallel.plan import Layout, plan_memory
 

@@ -9,8 +9,9 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from moecpt.cli import main
+from moecpt.model import MixtralForCausalLM
 from moecpt.model.config import MixtralConfig
-from moecpt.model.mixtral import MixtralForCausalLM, rope_cos_sin
+from moecpt.model.layers import rope_cos_sin
 from moecpt.parallel.plan import (
     Layout,
     activation_bytes_per_token_layer,

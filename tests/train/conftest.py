@@ -1,4 +1,4 @@
-"""Small real corpora (tokenized once per session) and a tiny training config for trainer tests."""
+"""Small real corpora (tests/corpora.py, tokenized once per session) and a tiny training config for trainer tests."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 
 from moecpt.config import load_config
 
-from ..tiny_config import tiny_config_toml, tiny_corpora
+from ..tiny_config import tiny_config_toml
 
 
 @pytest.fixture(scope="session")
-def corpora(shared_data) -> dict[str, list[str]]:
-    return tiny_corpora(shared_data)
+def corpora(tiny_corpora) -> dict[str, list[str]]:
+    return tiny_corpora
 
 
 @pytest.fixture(scope="session")

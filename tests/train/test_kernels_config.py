@@ -8,7 +8,8 @@ import torch
 
 from moecpt.errors import UserError
 from moecpt.kernels import _triton
-from moecpt.train.trainer import Trainer, train, use_triton
+from moecpt.train.setup import use_triton
+from moecpt.train.trainer import Trainer, train
 
 from .test_trainer import losses
 
@@ -24,7 +25,7 @@ def test_auto_uses_triton_only_on_a_gpu(tiny_config):
 def test_on_without_a_way_to_run_triton_says_why(tiny_config, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UserError, match=r"kernels.triton = 'on'.*(CPU|not installed)"):
-        Trainer(tiny_config("--kernels.triton=on"))
+        Trainer.from_config(tiny_config("--kernels.triton=on"))
 
 
 @pytest.mark.parametrize("override, key", [("--kernels.triton=yes", "kernels.triton"),

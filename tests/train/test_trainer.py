@@ -100,7 +100,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tiny_config, tmp_path,
     assert ckpt_lib.latest_checkpoint(run / "checkpoints").name == "step_00000004"
 
     monkeypatch.undo()
-    trainer = Trainer(tiny_config("--training.steps=8"))
+    trainer = Trainer.from_config(tiny_config("--training.steps=8"))
     assert trainer.step == 4 and "step_00000004" in trainer.start_mode
     trainer.train()
     assert not (run / "checkpoints" / "step_00000008.tmp").exists()
@@ -161,7 +161,7 @@ def test_export_command_writes_the_latest_checkpoint(tiny_config, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_config, tmp_path, monkeypatch):
-    trainer = Trainer(tiny_config("--training.max_nonfinite_in_a_row=2", "--checkpoint.interval=0"))
+    trainer = Trainer.from_config(tiny_config("--training.max_nonfinite_in_a_row=2", "--checkpoint.interval=0"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     original = trainer.model.forward
 
@@ -220,16 +220,16 @@ def test_config_errors_name_the_key(tiny_config, write_config):
     with pytest.raises(UserError, match="bad.toml: unknown key trainning; did you mean training"):
         load_config(bad)
     with pytest.raises(UserError, match="training.global_batch .6. must be a multiple"):
-        Trainer(tiny_config("--training.global_batch=6", "--training.micro_batch=4"))
+        Trainer.from_config(tiny_config("--training.global_batch=6", "--training.micro_batch=4"))
     with pytest.raises(UserError, match="unknown model.overrides key.s. num_layers"):
-        Trainer(tiny_config("--model.overrides.num_layers=3"))
+        Trainer.from_config(tiny_config("--model.overrides.num_layers=3"))
 
 
 def test_resume_refuses_a_changed_mixture_unless_a_new_stage_is_asked_for(tiny_config, tmp_path):
     train(tiny_config("--training.steps=4"))
     with pytest.raises(UserError, match="mixture changed"):
-        Trainer(tiny_config("--training.steps=6", "--data.mixture=0.5 ja 0.5 en"))
-    t = Trainer(tiny_config("--training.steps=6", "--data.mixture=0.5 ja 0.5 en", "--data.new_stage=true"))
+        Trainer.from_config(tiny_config("--training.steps=6", "--data.mixture=0.5 ja 0.5 en"))
+    t = Trainer.from_config(tiny_config("--training.steps=6", "--data.mixture=0.5 ja 0.5 en", "--data.new_stage=true"))
     assert t.step == 4 and t.loader.state.stage_start == 16
 
 
@@ -270,12 +270,12 @@ def test_plot_draws_the_figures_of_a_run(tiny_config, tmp_path):
 def test_init_from_refuses_overrides_that_change_its_shape(tiny_config, tmp_path):
     train(tiny_config("--training.steps=2"))
     ckpt = ckpt_lib.latest_checkpoint(tmp_path / "run" / "checkpoints")
-    t = Trainer(tiny_config(f"--init_from={ckpt}", f"--run_dir={tmp_path / 'next'}"))
+    t = Trainer.from_config(tiny_config(f"--init_from={ckpt}", f"--run_dir={tmp_path / 'next'}"))
     assert t.step == 0 and "initialised from" in t.start_mode
     same = final_weights(tmp_path / "run")
     assert all(torch.equal(same[k], v) for k, v in t.model.state_dict().items())
     with pytest.raises(UserError, match="num_hidden_layers=3 would change the shape"):
-        Trainer(tiny_config(f"--init_from={ckpt}", "--model.overrides.num_hidden_layers=3"))
+        Trainer.from_config(tiny_config(f"--init_from={ckpt}", "--model.overrides.num_hidden_layers=3"))
 
 
 def test_the_shipped_tiny_config_trains_on_the_shared_corpora(shared_data, tmp_path, monkeypatch):
@@ -293,9 +293,9 @@ def test_the_shipped_tiny_config_trains_on_the_shared_corpora(shared_data, tmp_p
 def test_resume_refuses_a_model_of_another_shape(tiny_config):
     train(tiny_config("--training.steps=2"))
     with pytest.raises(UserError, match="num_hidden_layers 2 in the checkpoint, 1 in the config"):
-        Trainer(tiny_config("--training.steps=4", "--model.overrides.num_hidden_layers=1"))
+        Trainer.from_config(tiny_config("--training.steps=4", "--model.overrides.num_hidden_layers=1"))
     # A loss coefficient is not a shape: it may change on resume.
-    assert Trainer(tiny_config("--training.steps=4", "--model.overrides.router_aux_loss_coef=0.05")).step == 2
+    assert Trainer.from_config(tiny_config("--training.steps=4", "--model.overrides.router_aux_loss_coef=0.05")).step == 2
 
 
 def test_resuming_from_an_earlier_checkpoint_abandons_the_later_ones(tiny_config, tmp_path):
@@ -305,7 +305,7 @@ def test_resuming_from_an_earlier_checkpoint_abandons_the_later_ones(tiny_config
     train(tiny_config(f"--resume={early}", "--training.steps=6"))
     assert ckpt_lib.latest_checkpoint(run / "checkpoints").name == "step_00000006"
     assert (run / "checkpoints" / "abandoned" / "step_00000008" / "COMPLETE").is_file()  # kept, out of the way
-    t = Trainer(tiny_config("--training.steps=7"))  # resume = auto
+    t = Trainer.from_config(tiny_config("--training.steps=7"))  # resume = auto
     assert t.step == 6
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
 

@@ -10,11 +10,12 @@ from what it holds (no context carried across windows).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from moecpt.config import IGNORE_INDEX
 from moecpt.errors import UserError
+from moecpt.model.loss import bits_per_byte
 
 # Default held-out corpora, relative to the shared data directory (the parent of the evaluation directory).
 DEFAULT_HELDOUT = {
@@ -51,10 +52,10 @@ def windows(ids: list[int], max_length: int) -> list[list[int]]:
     return [ids[s:s + max_length] for s in range(0, len(ids) - 1, step)]
 
 
-def bits_per_byte(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 4) -> dict[str, Any]:
-    """Summed next-token loss over `texts`, in bits per UTF-8 byte, with the counts behind it."""
+def heldout_bits_per_byte(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 4) -> dict[str, Any]:
+    """Summed next-token loss over `texts` through the model's own loss (no [tokens, vocab] logits), in bits
+    per UTF-8 byte, with the counts behind it."""
     import torch
-    import torch.nn.functional as F
 
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     pieces = []
@@ -64,29 +65,24 @@ def bits_per_byte(model, tokenizer, texts: list[str], max_length: int, batch_siz
         n_tokens += len(ids) - 1
         pieces += [w for w in windows(ids, max_length) if len(w) > 1]
     device = next(model.parameters()).device
-    total_nats = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
         for start in range(0, len(pieces), batch_size):
             batch = pieces[start:start + batch_size]
             width = max(len(w) for w in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
+            targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, w in enumerate(batch):
                 ids[row, :len(w)] = torch.tensor(w)
+                targets[row, :len(w) - 1] = torch.tensor(w[1:])
                 mask[row, :len(w)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(ids, attention_mask=mask).logits.float()
-            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            total_nats += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                          ignore_index=-100, reduction="sum").item()
+            out = model(ids.to(device), attention_mask=mask.to(device), targets=targets.to(device))
+            total += out.token_loss.sum().double()
+    nats = total.item()
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {
-        "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1),
-        "nats_per_token": total_nats / max(n_tokens, 1),
-        "docs": len(texts),
-        "tokens": n_tokens,
-        "bytes": n_bytes,
-    }
+    return {"bits_per_byte": bits_per_byte(nats, n_bytes), "nats_per_token": nats / max(n_tokens, 1),
+            "docs": len(texts), "tokens": n_tokens, "bytes": n_bytes}
 
 
 def resolve_heldout(spec: str, langs: set[str], data_root: Path | None) -> dict[str, Path]:

@@ -1,13 +1,12 @@
 """The model side of evaluation: load a model directory and its tokenizer, complete prompts in batches.
 
-Loading goes through `MODEL_LOADERS`, a list of (name, can_load, load) tried in order: a trainer checkpoint
-loader is added there when moecpt has one, without touching the runner.
+Loading goes through moecpt's one model loader (`moecpt.train.checkpoint.load_model`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,39 +39,13 @@ def _is_trainer_checkpoint(path: Path) -> bool:
     return (path / "COMPLETE").is_file() or (path / "checkpoints").is_dir()
 
 
-def _load_trainer_checkpoint(path: Path, dtype: Any, device: str):
-    from moecpt.train.checkpoint import find_checkpoint, load_model
-
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise UserError(f"--model {path}: a run directory without a complete checkpoint under checkpoints/")
-    return load_model(ckpt).to(device=device, dtype=dtype)
-
-
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
-def _load_hf_dir(path: Path, dtype: Any, device: str):
-    from moecpt.model.hf import from_pretrained
-
-    return from_pretrained(path, dtype=dtype, device=device)
-
-
-MODEL_LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path, Any, str], Any]]] = [
-    ("moecpt-checkpoint", _is_trainer_checkpoint, _load_trainer_checkpoint),
-    ("huggingface", _is_hf_dir, _load_hf_dir),
-]
-
-
 def load_model(path: str | Path, dtype: str = "auto", device: str = "auto"):
-    """Load the model in `path` with the first loader of MODEL_LOADERS that recognises it, in eval mode."""
+    """The model in `path` (a Hugging Face directory, a moecpt checkpoint or a run directory, through the one
+    loader `moecpt.train.checkpoint.load_model`) on `device` in `dtype`, in eval mode."""
     import torch
 
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"--model {path}: not a directory; pass a Hugging Face model directory "
-                        f"(config.json + *.safetensors), a moecpt checkpoint or a training run directory")
+    from moecpt.train.checkpoint import load_model as load
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -80,13 +53,10 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "auto"):
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16, float16 or auto")
-    for _, can_load, load in MODEL_LOADERS:
-        if can_load(path):
-            model = load(path, torch_dtype, device)
-            model.eval()
-            return model
-    raise UserError(f"--model {path}: no config.json and no checkpoint there; expected a Hugging Face model "
-                    f"directory (as `moecpt export` writes), a moecpt checkpoint or a training run directory")
+    try:
+        return load(path, dtype=torch_dtype, device=device).eval()
+    except UserError as e:
+        raise UserError(f"--model {e}") from None
 
 
 def model_identity(path: str | Path) -> dict[str, Any]:
@@ -146,6 +116,14 @@ class ModelLM:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
+    def head(self, text: str, n: int) -> str:
+        """The text of the first `n` tokens of `text` (how the JP harness shortens an over-long sentence)."""
+        return self.tokenizer.decode(self.tokenizer.encode(text)[:max(n, 0)])
+
+    def pieces(self, text: str) -> list[str]:
+        """The tokenizer's piece strings of `text` (what the JP harness's XL-Sum ROUGE counts bigrams of)."""
+        return self.tokenizer.pieces(text)
+
     def encode_prompt(self, text: str, max_new_tokens: int, bos: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text)
         bos = [self.tokenizer.bos_id] if bos and self.tokenizer.bos_id is not None else []
@@ -197,12 +175,29 @@ class ModelLM:
                 new.append(t)
                 if t in stop_set:
                     break
-            if r0.decode == "after_prompt":
-                text = self.tokenizer.decode(p + new)[len(self.tokenizer.decode(p)):]
-            else:
-                text = self.tokenizer.decode(new)
-            texts.append(cut_at_stop(text, r0.stop))
+            texts.append(cut_at_stop(self.read_back(p, new, r0.decode), r0.stop))
         return texts
+
+    def read_back(self, prompt: list[int], new: list[int], decode: str) -> str:
+        """The generated text: "new_tokens" decodes the new tokens; "after_prompt" decodes prompt + new and drops
+        the decoded prompt's characters, both decodes cleaned up as the Hugging Face text-generation pipeline
+        does by default (clean_up_tokenization_spaces=True)."""
+        if decode != "after_prompt":
+            return self.tokenizer.decode(new)
+        full = clean_up_tokenization(self.tokenizer.decode(prompt + new))
+        return full[len(clean_up_tokenization(self.tokenizer.decode(prompt))):]
+
+
+# transformers' `clean_up_tokenization`: a space before punctuation and English contractions removed
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """What `decode(..., clean_up_tokenization_spaces=True)` does to decoded text in transformers."""
+    for before, after in _CLEAN_UP:
+        text = text.replace(before, after)
+    return text
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

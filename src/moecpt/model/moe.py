@@ -184,18 +184,3 @@ class SparseMoeBlock(nn.Module):
             num_tokens=m_T.sum(),
             z_sum=(z_T * m_T).sum(),
         )
-
-
-def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
-    """The Switch/Mixtral auxiliary loss exactly as transformers computes it: assignment fractions and mean
-    router probabilities pooled over all layers' tokens, then E * sum_e f_e * P_e (before the coefficient)."""
-    tokens_E = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
-    probs_E = torch.stack([s.prob_sum for s in stats]).sum(0)
-    rows = torch.stack([s.num_tokens for s in stats]).sum().clamp_min(1.0)
-    return num_experts * torch.sum((tokens_E / rows) * (probs_E / rows))
-
-
-def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over real tokens and layers of logsumexp(router logits)^2."""
-    z = torch.stack([s.z_sum for s in stats]).sum()
-    return z / torch.stack([s.num_tokens for s in stats]).sum().clamp_min(1.0)

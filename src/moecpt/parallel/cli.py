@@ -24,12 +24,11 @@ def register(subparsers) -> None:
 
 
 def _model_config(cfg):
-    from moecpt.model.config import MixtralConfig
-    from moecpt.train.trainer import model_config
+    from moecpt.train.setup import model_config
 
     if cfg.init_from and not Path(cfg.init_from).exists():
         print(f"note: init_from {cfg.init_from} is not here; using model.preset {cfg.model.preset!r}")
-        return MixtralConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+        cfg.init_from = ""
     return model_config(cfg)
 
 

@@ -55,3 +55,16 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: int
 def destroy_distributed() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing on one process)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or "max") `t` over ranks in place (nothing on one process); returns `t`."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t

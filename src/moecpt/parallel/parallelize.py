@@ -1,4 +1,4 @@
-"""The one place that decides how a single-device Mixtral is distributed, in a fixed order:
+"""The one place that decides how a single-device model is distributed, in a fixed order:
 
     expert parallelism -> activation checkpointing -> torch.compile -> FSDP2 (per decoder block, then root)
 
@@ -12,7 +12,6 @@ ranks ({0, 1}, {2, 3}, ... for ep = 2), i.e. inside a node when ep <= GPUs per n
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moecpt.config import ParallelSection
 from moecpt.errors import UserError
-from moecpt.model.mixtral import MixtralForCausalLM
+from moecpt.model.base import CausalLM
 from moecpt.parallel.expert_parallel import apply_expert_parallel
 
 
@@ -57,13 +56,13 @@ def build_meshes(device: torch.device, world: int, ep: int) -> Meshes:
     return Meshes(dp=dp, ep=mesh["ep"], efsdp=mesh["efsdp"])
 
 
-def apply_activation_checkpointing(model: MixtralForCausalLM) -> None:
+def apply_activation_checkpointing(model: CausalLM) -> None:
     """Recompute each decoder block in backward (keeps its input only). Parameter names do not change."""
     for layer in model.layers:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def apply_compile(model: MixtralForCausalLM) -> None:
+def apply_compile(model: CausalLM) -> None:
     """torch.compile each decoder block in place (`Module.compile`: parameter names do not change)."""
     for layer in model.layers:
         layer.compile(dynamic=True)
@@ -82,7 +81,7 @@ def _shard_dim(param: nn.Parameter, ranks: int) -> Shard:
     return Shard(shard_dim(local.shape, ranks))
 
 
-def apply_fsdp(model: MixtralForCausalLM, meshes: Meshes, param_dtype: torch.dtype | None,
+def apply_fsdp(model: CausalLM, meshes: Meshes, param_dtype: torch.dtype | None,
                reshard_after_forward: bool) -> None:
     """FSDP2 (ZeRO-3): each decoder block is one all-gather/reduce-scatter unit; the root holds the rest
     (embeddings, final norm, LM head). Expert weights under EP are their own unit on the efsdp mesh."""
@@ -111,7 +110,7 @@ def apply_fsdp(model: MixtralForCausalLM, meshes: Meshes, param_dtype: torch.dty
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
-def parallelize(model: MixtralForCausalLM, cfg: ParallelSection, device: torch.device, world: int,
+def parallelize(model: CausalLM, cfg: ParallelSection, device: torch.device, world: int,
                 param_dtype: torch.dtype | None) -> Meshes | None:
     """Apply the configured parallelism to `model` in place; returns the meshes (None on one process)."""
     meshes = None
@@ -132,35 +131,7 @@ def parallelize(model: MixtralForCausalLM, cfg: ParallelSection, device: torch.d
     return meshes
 
 
-# ---- initialisation ------------------------------------------------------------------------------------
-def _local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `full` for a DTensor parameter (the full tensor itself for a plain one)."""
-    if not isinstance(param, DTensor):
-        return full
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
-    return full[tuple(slice(o, o + n) for n, o in zip(shape, offset, strict=True))]
-
-
-@torch.no_grad()
-def init_weights(model: MixtralForCausalLM, seed: int) -> None:
-    """The initialisation of `MixtralForCausalLM.init_weights` (normal(0, initializer_range), norms at one)
-    drawn from a generator seeded with `seed`, so that the weights are the same on one process and on any
-    number of ranks: each full parameter is drawn on the CPU in parameter order and this rank keeps its slice
-    of it (one full parameter in memory at a time)."""
-    std = model.config.initializer_range
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        full = torch.empty(p.shape, dtype=torch.float32)
-        if name.endswith("layernorm.weight") or name == "norm.weight":
-            full.fill_(1.0)
-        else:
-            full.normal_(0.0, std, generator=gen)
-        local = p.to_local() if isinstance(p, DTensor) else p
-        local.copy_(_local_slice(p, full))
-
-
+# ---- weights --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor] | None) -> None:
     """Load full (unsharded) weights that rank 0 holds into a sharded model: rank 0 broadcasts them."""
@@ -186,8 +157,8 @@ def set_accumulating(model: nn.Module, accumulating: bool) -> None:
         model.set_reshard_after_backward(not accumulating)
 
 
-def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> float:
-    """Clip gradients to a global L2 norm and return the norm before clipping.
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip gradients to a global L2 norm and return the norm before clipping, as a tensor (no host sync).
 
     The same computation on one process and on many: sharded (DTensor) gradients, which may live on
     different meshes (dense on "dp", experts on ("efsdp", "ep")), are disjoint pieces on each rank, so the
@@ -205,11 +176,13 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> float:
                 raise RuntimeError("clip_grad_norm_: replicated gradient shards are not supported")
             g = g.to_local()
         local.append(g)
-    sq = torch.stack([t.detach().float().pow(2).sum() for t in local]).sum() if local else torch.zeros(())
+    if not local:
+        return torch.zeros(())
+    sq = torch.stack([t.detach().float().pow(2).sum() for t in local]).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq)
-    total = math.sqrt(sq.item())
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        torch._foreach_mul_(local, coef)
+    total = sq.double().sqrt()
+    # Scale by min(1, max_norm / norm) on the device: a no-op factor of 1 when the norm is within bounds.
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(local, coef.to(local[0].dtype))
     return total

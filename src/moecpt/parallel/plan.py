@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moecpt.model import param_shapes
 from moecpt.model.config import MixtralConfig
 
 GB = 1e9
@@ -63,21 +64,8 @@ class MemoryPlan:
 
 
 def parameter_shapes(c: MixtralConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Every parameter's name and shape, without building the model."""
-    H, F, E, V = c.hidden_size, c.intermediate_size, c.num_local_experts, c.vocab_size
-    q, kv = c.num_attention_heads * c.attn_head_dim, c.num_key_value_heads * c.attn_head_dim
-    shapes = [("embed_tokens.weight", (V, H))]
-    for i in range(c.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (H,)), (p + "self_attn.q_proj.weight", (q, H)),
-                   (p + "self_attn.k_proj.weight", (kv, H)), (p + "self_attn.v_proj.weight", (kv, H)),
-                   (p + "self_attn.o_proj.weight", (H, q)), (p + "post_attention_layernorm.weight", (H,)),
-                   (p + "moe.gate.weight", (E, H)), (p + "moe.experts.gate_up_proj", (E, 2 * F, H)),
-                   (p + "moe.experts.down_proj", (E, H, F))]
-    shapes.append(("norm.weight", (H,)))
-    if not c.tie_word_embeddings:
-        shapes.append(("lm_head.weight", (V, H)))
-    return shapes
+    """Every parameter's name and shape, without building the model (the family adapter's table)."""
+    return list(param_shapes(c).items())
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,20 +30,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from moecpt.config import CheckpointSection
 from moecpt.errors import UserError
+from moecpt.model import CausalLM, build_model, from_pretrained
+from moecpt.model.families import family
+from moecpt.parallel.dist import barrier, rank
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -96,16 +90,16 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     """Write the checkpoint of `step` atomically (every rank calls this) and return its directory."""
     final = step_dir(ckpt_root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_ok():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
+    torch.save(_rng_state(), tmp / f"rng_rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
         _write_json(tmp / STATE_FILE, {"step": step, **trainer_state})
         (tmp / COMPLETE).write_text(f"step {step}\n")
         _fsync_dir(tmp)
@@ -113,7 +107,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-    _barrier()
+    barrier()
     return final
 
 
@@ -145,7 +139,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
     with _single_process_ok():
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    rng = ckpt / f"rng_rank{_rank()}.pt"
+    rng = ckpt / f"rng_rank{rank()}.pt"
     if rng.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seeded state
         _set_rng_state(torch.load(rng, weights_only=False))
     return state
@@ -159,14 +153,34 @@ def find_checkpoint(path: Path) -> Path | None:
     return latest_checkpoint(path / "checkpoints")
 
 
-def load_model(ckpt: Path) -> torch.nn.Module:
-    """The model a checkpoint holds, built from its saved config (fp32, on the CPU)."""
-    from moecpt.model.config import MixtralConfig
-    from moecpt.model.mixtral import MixtralForCausalLM
+def is_hf_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file() and not (Path(path) / COMPLETE).is_file()
 
-    model = MixtralForCausalLM(MixtralConfig(**read_trainer_state(ckpt)["model_config"]))
+
+def saved_model_config(ckpt: Path):
+    """The model config a checkpoint was trained with."""
+    state = read_trainer_state(ckpt)
+    return family(state.get("model_type"), str(ckpt / STATE_FILE)).config_cls(**state["model_config"])
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> CausalLM:
+    """The one model loader: a Hugging Face directory, a moecpt checkpoint, or a run directory (its latest
+    checkpoint). `dtype=None` keeps the stored dtype (fp32 for checkpoints)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory; expected a Hugging Face model directory (config.json + "
+                        "*.safetensors), a moecpt checkpoint or a training run directory")
+    if is_hf_dir(path):
+        return from_pretrained(path, dtype=dtype, device=device)
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        what = "a run directory without a complete checkpoint under checkpoints/" if (path / "checkpoints").is_dir() \
+            else "no config.json and no checkpoint there"
+        raise UserError(f"{path}: {what}; expected a Hugging Face model directory (as `moecpt export` writes), "
+                        "a moecpt checkpoint or a training run directory")
+    model = build_model(saved_model_config(ckpt), device="cpu")
     load_model_weights(ckpt, model)
-    return model
+    return model.to(device=device, dtype=dtype)
 
 
 def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
@@ -194,9 +208,40 @@ def set_aside_later(ckpt_root: Path, step: int) -> list[Path]:
     return moved
 
 
+class Checkpointer:
+    """The checkpoints of one run: where to resume, saving (and then pruning) at a step."""
+
+    def __init__(self, run_dir: Path, cfg: CheckpointSection):
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+
+    def resume_target(self, mode: str) -> Path | None:
+        """`resume` resolved: never, auto (the latest complete checkpoint, if any), or a checkpoint path."""
+        if mode == "never":
+            return None
+        if mode == "auto":
+            return latest_checkpoint(self.root)
+        if not (Path(mode) / COMPLETE).is_file():
+            raise UserError(f"resume = {mode!r} is not a complete checkpoint directory")
+        return Path(mode)
+
+    def due(self, step: int, is_last: bool) -> bool:
+        return bool(self.cfg.interval) and step % self.cfg.interval == 0 and not is_last
+
+    def existing(self, step: int) -> Path | None:
+        path = step_dir(self.root, step)
+        return path if (path / COMPLETE).is_file() else None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any]) -> Path:
+        path = save_checkpoint(self.root, step, model, optimizer, state)
+        prune_checkpoints(self.root, self.cfg.keep_last, self.cfg.keep_every)
+        return path
+
+
 def prune_checkpoints(ckpt_root: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, except every `keep_every`-th step."""
-    if _rank() != 0:
+    if rank() != 0:
         return []
     found = list_checkpoints(ckpt_root)
     removed = []

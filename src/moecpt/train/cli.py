@@ -42,15 +42,13 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from moecpt.train.checkpoint import find_checkpoint, load_model, read_trainer_state
-    from moecpt.train.trainer import export_hf
+    from moecpt.train.export import export_hf
 
     ckpt = find_checkpoint(Path(args.checkpoint))
     if ckpt is None:
         raise UserError(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with checkpoints/")
     state = read_trainer_state(ckpt)
-    model = load_model(ckpt)
-    if args.dtype:
-        model = model.to(getattr(torch, args.dtype))
+    model = load_model(ckpt, dtype=getattr(torch, args.dtype) if args.dtype else None)
     tok = state.get("tokenizer")
     if tok and not Path(tok).is_file():
         print(f"warning: the tokenizer the run used ({tok}) is gone; the export has no tokenizer files")

@@ -1,4 +1,5 @@
-"""What a run reports: model FLOPs, the console line, the JSON Lines metrics file, optional TensorBoard/W&B."""
+"""What a run reports: model FLOPs, the console line, the JSON Lines metrics file, optional TensorBoard/W&B,
+throughput, loss spikes, and the run logger that puts them together on logging steps."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moecpt.model.config import MixtralConfig
-
 METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity), for MFU.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
-def model_flops_per_token(config: MixtralConfig, seq_len: int) -> float:
+def model_flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active matmul parameters (attention projections, top-k experts, router,
     LM head; not the embedding lookup) + 6 x layers x seq_len x attention width (causal attention's two
     matmuls, forward and backward, halved by the causal mask)."""
@@ -130,3 +129,77 @@ def console(line: str) -> None:
         tqdm.write(line, file=sys.stdout)
     except ImportError:  # pragma: no cover
         print(line, flush=True)
+
+
+class SpikeDetector:
+    """Flags a step whose loss exceeds `factor` x the running mean (an EMA of the steps not flagged)."""
+
+    def __init__(self, factor: float):
+        self.factor, self.ema, self.count = factor, None, 0
+
+    def __call__(self, loss: float) -> bool:
+        spike = bool(self.ema is not None and math.isfinite(loss) and loss > self.factor * self.ema)
+        self.count += spike
+        if math.isfinite(loss) and not spike:
+            self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+        return spike
+
+
+class RunLogger:
+    """Per step: the progress bar and the non-finite and spike messages. On logging steps: throughput, model
+    TFLOP/s, MFU and memory added to the step's record, which goes to metrics.jsonl (and TensorBoard / W&B)
+    and, on rank 0, to the console line."""
+
+    def __init__(self, run_dir: Path, is_main: bool, step: int, total_steps: int, interval: int,
+                 metrics: MetricsLogger, flops_per_token: float, peak_tflops: float | None, progress: bool):
+        self.is_main, self.total, self.interval, self.metrics = is_main, total_steps, interval, metrics
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.pace, self.tokens_since = Throughput(step), 0
+        self.bar = None
+        if is_main and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.total
+
+    def step(self, step: int, loss: float, tokens: int, messages: list[str]) -> None:
+        self.tokens_since += tokens
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        for m in messages if self.is_main else ():
+            console(m)
+
+    def log(self, record: dict[str, Any], world: int, peak_memory_gib: float | None) -> None:
+        """Complete a logging step's record with throughput and write it everywhere."""
+        tps, eta = self.pace.report(record["step"], self.tokens_since, self.total)
+        self.tokens_since = 0
+        record["tokens_per_s"] = tps
+        record["model_tflops"] = tps * self.flops_per_token / 1e12
+        if self.peak_tflops:
+            record["mfu"] = record["model_tflops"] / (self.peak_tflops * world)
+        if peak_memory_gib is not None:
+            record["peak_memory_gib"] = peak_memory_gib
+        self.metrics.log(record)
+        if self.is_main:
+            console(console_line(record, self.total, eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+
+
+def console_line(r: dict[str, Any], total: int, eta: float) -> str:
+    parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}", f"lb {r['lb_loss']:.4f}", f"z {r['z_loss']:.3f}",
+             f"lr {r['lr']:.3g}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s",
+             f"{r['model_tflops']:.2f} TFLOP/s"]
+    if "mfu" in r:
+        parts.append(f"MFU {r['mfu']:.1%}")
+    if "peak_memory_gib" in r:
+        parts.append(f"mem {r['peak_memory_gib']:.1f} GiB")
+    parts.append(f"experts max/mean {max(r['expert_load_max']):.2f} idle {sum(r['expert_idle'])}")
+    parts.append(f"ETA {format_duration(eta)}")
+    return " | ".join(parts)

@@ -1,0 +1,44 @@
+"""The model families moecpt trains, by their Hugging Face `model_type`.
+
+A family is a config dataclass (fields of its Hugging Face `config.json`, with `from_hf_dict`/`to_hf_dict` and
+presets), a `CausalLM` subclass (the block wiring and the init rule) and a state-dict adapter (parameter names
+and shapes, and their Hugging Face names in each layout). A new family is one module here plus an entry below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moecpt.errors import UserError
+from moecpt.model.base import CausalLM
+from moecpt.model.config import MixtralConfig
+from moecpt.model.families.mixtral import MixtralAdapter, MixtralForCausalLM
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    config_cls: type
+    model_cls: type[CausalLM]
+    adapter_cls: type
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family("mixtral", MixtralConfig, MixtralForCausalLM, MixtralAdapter),
+}
+
+
+def family(model_type: str | None, source: str = "config") -> Family:
+    """The family of a Hugging Face `model_type` (None: Mixtral, for configs that predate the field)."""
+    found = FAMILIES.get(model_type or "mixtral")
+    if found is None:
+        raise UserError(f"{source}: model_type is {model_type!r}; moecpt trains {', '.join(sorted(FAMILIES))}")
+    return found
+
+
+def family_of(config) -> Family:
+    """The family a config dataclass belongs to."""
+    for f in FAMILIES.values():
+        if isinstance(config, f.config_cls):
+            return f
+    raise UserError(f"{type(config).__name__} is not the config of a moecpt model family")

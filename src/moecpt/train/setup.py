@@ -1,0 +1,169 @@
+"""The explicit steps before the training loop: the runtime (device, process group, precision, kernels), the
+data (tokenized into the shard cache on first use) and the model (built, parallelised, initialised once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moecpt.config import TrainConfig
+from moecpt.data.mixture import MixtureDataset, parse_mixture, resolve_mixture
+from moecpt.data.tokenizer import Tokenizer, load_tokenizer
+from moecpt.errors import UserError
+from moecpt.kernels._triton import triton_installed, triton_usable, why_not_triton
+from moecpt.kernels.attention import sdpa_backend
+from moecpt.model import CausalLM, build_model, load_config
+from moecpt.model.families import family, family_of
+from moecpt.parallel import dist as pdist
+from moecpt.parallel import parallelize as par
+from moecpt.train import checkpoint as ckpt_lib
+
+
+@dataclass
+class Runtime:
+    """Where and how this process computes."""
+
+    device: torch.device
+    rank: int
+    world: int
+    amp_dtype: torch.dtype | None  # bf16 autocast with fp32 master weights, or None: plain fp32
+    fused_kernels: bool  # the Triton kernels
+    sdpa: str  # attention kernel preference
+    owns_process_group: bool  # this process created the group and tears it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def compute(self) -> contextlib.ExitStack:
+        """The context of every forward and backward: SDPA backend preference and autocast."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_backend(self.sdpa, self.device))
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                           enabled=self.amp_dtype is not None))
+        return stack
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"training.device = {name!r} but no CUDA GPU is visible; use cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast (fp32 master weights) on GPU by default, plain fp32 on CPU."""
+    if cfg.training.dtype == "bfloat16" or (cfg.training.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def use_triton(cfg: TrainConfig, device: torch.device) -> bool:
+    """kernels.triton resolved: auto = on a GPU with Triton installed; on = wherever Triton can run, else an
+    error that says why."""
+    choice = cfg.kernels.triton
+    if choice == "auto":
+        return device.type == "cuda" and triton_installed()
+    if choice == "on" and not triton_usable(device):
+        raise UserError(f"config: kernels.triton = 'on' but {why_not_triton(device)}; "
+                        "set kernels.triton = 'auto' or 'off'")
+    return choice == "on"
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Device, process group (under torchrun, WORLD_SIZE > 1), precision and kernels; seeds this rank."""
+    device = resolve_device(cfg.training.device)
+    owns = pdist.init_distributed(device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    rt = Runtime(device, pdist.rank(), pdist.world_size(), autocast_dtype(cfg, device), use_triton(cfg, device),
+                 cfg.kernels.sdpa_backend, owns)
+    per_pass = cfg.training.micro_batch * rt.world
+    if cfg.training.global_batch % per_pass:
+        raise UserError(f"config: training.global_batch ({cfg.training.global_batch}) must be a multiple of "
+                        f"training.micro_batch x world size ({cfg.training.micro_batch} x {rt.world} = {per_pass})")
+    seed_everything(cfg.training.seed + rt.rank)
+    return rt
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: TrainConfig, rt: Runtime) -> tuple[Tokenizer, MixtureDataset]:
+    """The tokenizer and the mixture, each name resolved through `data.corpora`. Rank 0 tokenizes JSON Lines
+    sources into the shared shard cache first; the other ranks then read it."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer or None)
+    if not rt.is_main:
+        pdist.barrier()
+    spec = [(e.name, e.weight, [src for p in e.prefixes for src in cfg.data.corpora.get(p, [p])])
+            for e in parse_mixture(cfg.data.mixture)]
+    entries = resolve_mixture(spec, cfg.data.cache_dir, tokenizer=tokenizer.path)
+    dataset = MixtureDataset(entries, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                             allow_repeat=cfg.data.allow_repeat, valid_fraction=cfg.data.valid_fraction,
+                             valid_max_documents=cfg.data.valid_max_documents)
+    if rt.is_main:
+        pdist.barrier()
+    return tokenizer, dataset
+
+
+# The fields that change a model's parameters (the others, such as loss coefficients, may change between runs).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings")
+
+
+def model_config(cfg: TrainConfig):
+    """The model's shape: from init_from's config (a Hugging Face directory or a moecpt checkpoint), or the
+    preset with `model.overrides`."""
+    overrides = dict(cfg.model.overrides)
+    if cfg.init_from:
+        src = Path(cfg.init_from)
+        if ckpt_lib.is_hf_dir(src):
+            base = load_config(src)
+        elif (src / ckpt_lib.COMPLETE).is_file():
+            base = ckpt_lib.saved_model_config(src)
+        else:
+            raise UserError(f"init_from = {cfg.init_from!r} is neither a Hugging Face directory (config.json) nor "
+                            "a complete moecpt checkpoint")
+        _check_overrides(base, overrides)
+        bad = sorted(k for k in set(overrides) & set(SHAPE_FIELDS) if overrides[k] != getattr(base, k))
+        if bad:
+            raise UserError(f"config: model.overrides {', '.join(f'{k}={overrides[k]}' for k in bad)} would change "
+                            f"the shape of the init_from model ({src}); remove them")
+        return dataclasses.replace(base, **overrides)
+    config_cls = family(None).config_cls
+    _check_overrides(config_cls.from_preset(cfg.model.preset), overrides)
+    return config_cls.from_preset(cfg.model.preset, **overrides)
+
+
+def _check_overrides(base, overrides: dict) -> None:
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(base)})
+    if unknown:
+        raise UserError(f"config: unknown model.overrides key(s) {', '.join(unknown)}; use "
+                        f"{type(base).__name__} fields such as num_hidden_layers, router_aux_loss_coef")
+
+
+def build_training_model(cfg: TrainConfig, rt: Runtime, config, seed: int | None) -> CausalLM:
+    """The model, parallelised as `[parallel]` says: built on the meta device, each rank materialising only
+    its shards, initialised once (from `seed`, the same weights at any world size and layout; None: left
+    for the checkpoint or init_from weights), with the kernels chosen once."""
+    family_of(config)  # refuse a config of no known family before building anything
+    model = build_model(config)
+    par.parallelize(model, cfg.parallel, rt.device, rt.world, rt.amp_dtype if rt.world > 1 else None)
+    model.to_empty(device=rt.device)
+    model.tie_weights()
+    if seed is not None:
+        model.init_weights(torch.Generator().manual_seed(seed))
+    model.use_kernels(rt.fused_kernels, cfg.kernels.loss_chunk_tokens, device=rt.device)
+    return model
