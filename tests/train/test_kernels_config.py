@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moecpt.errors import UserError
-from moecpt.kernels import _triton
+from moecpt.kernels import support as _triton
 from moecpt.train.setup import use_triton
 from moecpt.train.trainer import Trainer, train
 

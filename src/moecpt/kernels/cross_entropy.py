@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moecpt.config import CHUNK_TOKENS, IGNORE_INDEX
-from moecpt.kernels._triton import row_block, triton_usable, warps_for
+from moecpt.kernels.support import row_block, warps_for
 
 
 def linear_cross_entropy_reference(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor,
@@ -164,7 +164,8 @@ def linear_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
                          fused: bool = False) -> torch.Tensor:
     """Per-token fp32 cross-entropy of `hidden @ weight.T` against `targets` (0 where ignored), computed
     `chunk_tokens` (default `CHUNK_TOKENS`) tokens at a time in forward and again in backward; never holds
-    all the logits. `fused`: the loss and its gradient from the Triton kernels where they can run."""
+    all the logits. `fused` (chosen once where the model is built): the loss and its gradient from the Triton
+    kernels."""
     from torch.distributed.tensor import DTensor
 
     if chunk_tokens is None:
@@ -182,4 +183,4 @@ def linear_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
         raise TypeError(f"hidden is {hidden_NH.dtype} but the weight is {weight_VH.dtype} (outside autocast)")
     with torch.autocast(device_type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden_NH, weight_VH, targets_N.contiguous(), chunk_tokens,
-                                                ignore_index, fused and triton_usable(hidden_NH.device))
+                                                ignore_index, fused)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from moecpt.kernels._triton import row_block, triton_usable, warps_for
+from moecpt.kernels.support import row_block, warps_for
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -126,7 +126,8 @@ _rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
-    """RMSNorm of the last dimension times `weight`; the Triton kernel where it can run and `fused`."""
-    if fused and triton_usable(x.device):
+    """RMSNorm of the last dimension times `weight`; with `fused` (chosen once where the model is built, see
+    `support.triton_usable`) the Triton kernel."""
+    if fused:
         return _rms_norm_fwd(x, weight, eps)[0]
     return rms_norm_reference(x, weight, eps)

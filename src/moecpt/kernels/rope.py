@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from moecpt.kernels._triton import row_block, triton_usable
+from moecpt.kernels.support import row_block
 
 
 def rope_reference(x_BTND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ _rope.register_autograd(_backward, setup_context=_setup)
 
 def apply_rope(x_BTND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Rotate queries or keys [B, T, heads, D] by the fp32 tables [B, T, 1, D] of `rope_cos_sin`; the Triton
-    kernel where it can run and `fused`, else the reference."""
-    if fused and x_BTND.dim() == 4 and triton_usable(x_BTND.device):
+    kernel with `fused` (chosen once where the model is built), else the reference."""
+    if fused and x_BTND.dim() == 4:
         return _rope(x_BTND, cos, sin, 1.0)
     return rope_reference(x_BTND, cos, sin)

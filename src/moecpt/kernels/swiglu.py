@@ -14,8 +14,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from moecpt.kernels._triton import triton_usable
-
 BLOCK = 1024  # columns per program
 
 
@@ -100,7 +98,8 @@ _swiglu_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def swiglu(h_N2F: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """silu(gate) * up of a [N, 2F] gate|up tensor; the Triton kernel where it can run and `fused`."""
-    if fused and h_N2F.dim() == 2 and triton_usable(h_N2F.device):
+    """silu(gate) * up of a [N, 2F] gate|up tensor; with `fused` (chosen once where the model is built) the
+    Triton kernel."""
+    if fused and h_N2F.dim() == 2:
         return _swiglu_fwd(h_N2F)
     return swiglu_reference(h_N2F)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moecpt.config import IGNORE_INDEX
-from moecpt.kernels._triton import triton_usable
+from moecpt.kernels.support import triton_usable
 from moecpt.model import hf
 from moecpt.model.layers import Attention, KVCache, RMSNorm
 from moecpt.model.loss import LMLoss, LossOutput, shift_labels

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from moecpt.config import TrainConfig
-from moecpt.data.mixture import MixtureDataset, parse_mixture, resolve_mixture
+from moecpt.data.mixture import MixtureDataset, resolve_mixture
 from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 from moecpt.errors import UserError
-from moecpt.kernels._triton import triton_installed, triton_usable, why_not_triton
 from moecpt.kernels.attention import sdpa_backend
+from moecpt.kernels.support import triton_installed, triton_usable, why_not_triton
 from moecpt.model import CausalLM, build_model, load_config
 from moecpt.model.families import family, family_of
 from moecpt.parallel import dist as pdist
@@ -107,9 +107,8 @@ def prepare_data(cfg: TrainConfig, rt: Runtime) -> tuple[Tokenizer, MixtureDatas
     tokenizer = load_tokenizer(cfg.data.tokenizer or None)
     if not rt.is_main:
         pdist.barrier()
-    spec = [(e.name, e.weight, [src for p in e.prefixes for src in cfg.data.corpora.get(p, [p])])
-            for e in parse_mixture(cfg.data.mixture)]
-    entries = resolve_mixture(spec, cfg.data.cache_dir, tokenizer=tokenizer.path)
+    entries = resolve_mixture(cfg.data.mixture, cfg.data.cache_dir, tokenizer=tokenizer.path,
+                              sources=cfg.data.corpora)
     dataset = MixtureDataset(entries, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
                              allow_repeat=cfg.data.allow_repeat, valid_fraction=cfg.data.valid_fraction,
                              valid_max_documents=cfg.data.valid_max_documents)
