@@ -112,8 +112,9 @@ def test_interrupted_run_continues(tmp_path, eval_data, tiny_model_dir, capsys, 
 
 
 def test_remaining_tasks_end_to_end(tmp_path, eval_data, tiny_model_dir, capsys):
-    """The tasks the first test leaves out, one item each: ROUGE over MeCab words, BLEU over nagisa words,
-    GSM8K, and the two long-output llm-jp-eval tasks."""
+    """The tasks the first test leaves out, one item each: ROUGE over the model's tokenizer pieces, BLEU over
+    nagisa words, GSM8K, and the two long-output llm-jp-eval tasks (every item of every task goes through the
+    scoring path in test_full_data.py)."""
     rc, stdout, _ = _run(capsys, "--model", tiny_model_dir, "--suite", "all", "--tasks",
                          "xlsum,wmt20_en_ja,gsm8k,niilc,jsquad", "--data-dir", eval_data, "--output", tmp_path,
                          "--limit", 1, "--heldout", "none")
@@ -129,8 +130,8 @@ def test_remaining_tasks_end_to_end(tmp_path, eval_data, tiny_model_dir, capsys)
 def test_weights_reexported_into_the_same_directory_are_another_model(tmp_path, eval_data, capsys):
     import torch
 
+    from moecpt.model import MixtralForCausalLM
     from moecpt.model.config import MixtralConfig
-    from moecpt.model.mixtral import MixtralForCausalLM
 
     model_dir = tmp_path / "hf"
     torch.manual_seed(1)
@@ -142,3 +143,57 @@ def test_weights_reexported_into_the_same_directory_are_another_model(tmp_path, 
     MixtralForCausalLM(MixtralConfig.from_preset("tiny")).save_pretrained(model_dir)
     rc, _, err = _run(capsys, *args)
     assert rc == 2 and "holds predictions of a different run (model differ)" in err
+
+
+def test_missing_package_fails_before_the_model_loads(tmp_path, eval_data, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nagisa", None)  # as if the eval extra were not installed
+    rc, _, err = _run(capsys, "--model", tmp_path / "not-loaded-yet", "--tasks", "jcom,wmt20_en_ja",
+                      "--data-dir", eval_data, "--output", tmp_path / "o")
+    assert rc == 2 and "nagisa (for wmt20_en_ja)" in err and "pip install 'moecpt[eval]'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_checks_eval_packages_before_the_first_stage(tmp_path, eval_data, monkeypatch):
+    import sys
+
+    from moecpt.errors import UserError
+    from moecpt.pipeline.recipe import load_recipe
+    from moecpt.pipeline.run import Pipeline
+
+    monkeypatch.setitem(sys.modules, "rapidfuzz", None)
+    run_dir = tmp_path / "study"
+    recipe = load_recipe(None, str(run_dir), [f"--eval.data_dir={eval_data}", "--eval.tasks=jcom,niilc"])
+    with pytest.raises(UserError, match=r"rapidfuzz \(for niilc\).*moecpt\[eval\]"):
+        Pipeline(recipe).run()
+    assert not (run_dir / "stages").exists() and not (run_dir / "corpus").exists()
+    # held-out loss only (no evaluation data): nothing to check, the packages are not needed
+    recipe = load_recipe(None, str(run_dir), ["--eval.data_dir=none", "--eval.tasks=jcom,niilc"])
+    Pipeline(recipe).check_eval_requirements()
+
+
+def test_evaluate_model_is_the_python_entry(tmp_path, eval_data, tiny_model_dir):
+    from moecpt.eval.runner import evaluate_model
+
+    res = evaluate_model(tiny_model_dir, tmp_path / "o", data_dir=eval_data, tasks="jcom,jemhopqa", limit=2,
+                         heldout="none", name="tiny", progress=False, max_length=512)
+    assert {t: r["n"] for t, r in res["tasks"].items()} == {"jcom": 2, "jemhopqa": 2}
+    assert json.loads((tmp_path / "o/results.json").read_text("utf-8"))["tasks"] == res["tasks"]
+    assert "| tiny |" in (tmp_path / "o/results.md").read_text("utf-8")
+
+
+def test_pipeline_evaluates_through_evaluate_model(tmp_path, eval_data, tiny_model_dir, monkeypatch):
+    from moecpt.eval import runner
+    from moecpt.pipeline.recipe import load_recipe
+    from moecpt.pipeline.run import Pipeline
+
+    calls = []
+    real = runner.evaluate_model
+    monkeypatch.setattr(runner, "evaluate_model", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    recipe = load_recipe(None, str(tmp_path / "study"), [f"--eval.data_dir={eval_data}", "--eval.tasks=jcom",
+                                                         "--eval.limit=1"])
+    recipe.heldout.clear()
+    path = Pipeline(recipe).evaluate("base", str(tiny_model_dir))
+    assert json.loads(open(path, encoding="utf-8").read())["tasks"]["jcom"]["n"] == 1
+    assert calls[0][1]["tasks"] == "jcom" and calls[0][1]["heldout"] == "none" and calls[0][1]["name"] == "base"

@@ -3,6 +3,7 @@ batched generation, and held-out bits per byte."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from moecpt.eval import heldout  # noqa: E402
-from moecpt.eval.lm import ModelLM, Request, load_eval_tokenizer, load_model  # noqa: E402
+from moecpt.eval.lm import ModelLM, Request, clean_up_tokenization, load_eval_tokenizer, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,29 @@ def test_generated_text_is_read_back_like_each_reference_tool(tokenizer):
     assert tokenizer.eos_id in model.calls[0][3] and newline in model.calls[0][3]
 
 
+def test_after_prompt_read_back_cleans_up_tokenization_spaces(tokenizer):
+    """The text-generation pipeline decodes with clean_up_tokenization_spaces=True (transformers' default
+    there): " ." -> ".", " n't" -> "n't", ... on the decoded prompt + answer and on the decoded prompt."""
+    answer = tokenizer.encode("Yes , it is n't .")
+    lm = ModelLM(Canned([*answer, tokenizer.eos_id]), tokenizer, max_length=64)
+    assert lm.complete([Request("Q: is it ?\nA:", 12, ("\n",), "after_prompt")]) == [" Yes, it isn't."]
+    assert lm.complete([Request("Q: is it ?\nA:", 12, ("\n",), "new_tokens")]) == ["Yes , it is n't ."]
+    transformers = pytest.importorskip("transformers")
+    method = transformers.PreTrainedTokenizerBase.clean_up_tokenization  # a staticmethod before transformers 5
+    clean = method if isinstance(inspect.getattr_static(transformers.PreTrainedTokenizerBase,
+                                                        "clean_up_tokenization"), staticmethod) else (
+        lambda text: method(None, text))
+    for text in ("Yes , it is n't .", "I 'm here ! Are you ? ' quoted ' we 've they 're it 's", "日本 。 , ."):
+        assert clean_up_tokenization(text) == clean(text)
+
+
+def test_pieces_and_head(tokenizer):
+    lm = ModelLM(Canned([]), tokenizer)
+    assert lm.pieces("鬱 a") == ["▁", "<0xE9>", "<0xAC>", "<0xB1>", "▁a"]
+    assert lm.head("今日は晴れです。明日は雨です。", 3) == tokenizer.decode(tokenizer.encode("今日は晴れです。")[:3])
+    assert lm.head("短い", 100) == "短い" and lm.head("短い", 0) == ""
+
+
 def test_batch_is_left_padded_with_mask(tokenizer):
     model = Canned([tokenizer.eos_id])
     lm = ModelLM(model, tokenizer, max_length=64)
@@ -104,11 +128,11 @@ def test_bits_per_byte_equals_summed_cross_entropy(model, tokenizer):
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1].float()
     nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
-    out = heldout.bits_per_byte(model, tokenizer, [text], max_length=256)
+    out = heldout.heldout_bits_per_byte(model, tokenizer, [text], max_length=256)
     assert out["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode("utf-8")), rel=1e-5)
     assert out["tokens"] == len(ids) - 1 and out["bytes"] == len(text.encode("utf-8")) and out["docs"] == 1
     # a context shorter than the document: windows still predict every token once
-    short = heldout.bits_per_byte(model, tokenizer, [text], max_length=5)
+    short = heldout.heldout_bits_per_byte(model, tokenizer, [text], max_length=5)
     assert short["tokens"] == out["tokens"] and math.isfinite(short["bits_per_byte"])
 
 
@@ -138,8 +162,7 @@ def test_trainer_checkpoint_and_run_directory_load_like_the_export(tmp_path, tin
     import dataclasses
 
     from moecpt.eval.lm import model_identity
-    from moecpt.model.hf import load_config
-    from moecpt.model.mixtral import MixtralForCausalLM
+    from moecpt.model import MixtralForCausalLM, load_config
     from moecpt.train.checkpoint import save_checkpoint
 
     exported = load_model(tiny_model_dir, dtype="float32", device="cpu")

@@ -131,22 +131,114 @@ def test_bleu_ja_segments_with_nagisa_then_sacrebleu():
     assert metrics.bleu_en(hyps, refs) < metrics.bleu_ja(hyps, refs)
 
 
-def test_rouge2_ja_matches_rouge_score_with_mecab_words():
+# fixed Japanese (prediction, reference) pairs: XL-Sum-like summaries, partial overlaps, rare kanji (byte pieces),
+# an empty prediction, a one-piece reference, Latin text with spaces, identical strings
+ROUGE_PAIRS = [
+    ("米誌プレイボーイは女性のヌード写真の掲載を止める。", "米誌プレイボーイは女性のヌード写真の掲載を止める方針。"),
+    ("首脳会談はシンガポールで開かれる", "米朝首脳会談は6月12日にシンガポールで開催される。"),
+    ("", "要約"),
+    ("鬱蒼とした森で麒麟を見た", "麒麟が鬱蒼とした森にいた。"),
+    ("猫", "猫"),
+    ("英BBC によると、Apple は新型 iPhone を発表した。", "Apple が新しい iPhone を発表したと BBC が伝えた。"),
+    ("同じ文です。", "同じ文です。"),
+    ("東京都は24日、新たに500人の感染を確認した。", "東京都で新たに500人が感染、24日。"),
+]
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    from moecpt.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)  # the real Mixtral-8x7B tokenizer (SentencePiece)
+
+
+def _reference_pieces(mixtral):
+    """The Mixtral tokenizer's pieces as the harness got them: transformers' tokenizer.tokenize where it can be
+    built offline from the SentencePiece model (needs protobuf), else SentencePiece's own piece strings."""
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=mixtral.path)
+    try:
+        import shutil
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copyfile(mixtral.path, f"{d}/tokenizer.model")
+            hf = AutoTokenizer.from_pretrained(d)
+        if hf.tokenize("米朝首脳") == sp.encode("米朝首脳", out_type=str):
+            return hf.tokenize
+    except Exception:  # no transformers/protobuf: the SentencePiece pieces are the same strings
+        pass
+    return lambda text: sp.encode(text, out_type=str)
+
+
+def test_rouge2_is_rouge_score_over_the_mixtral_pieces(mixtral):
     rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-    fugashi = pytest.importorskip("fugashi")
-    tagger = fugashi.Tagger("-Owakati")
+    reference = _reference_pieces(mixtral)
 
-    class Words:
+    class Pieces:
         def tokenize(self, text):
-            return tagger.parse(text).split()
+            return reference(text)
 
-    scorer = rouge_scorer.RougeScorer(["rouge2"], tokenizer=Words())
-    preds = ["米誌プレイボーイは女性のヌード写真の掲載を止める。", "首脳会談はシンガポールで開かれる", "", "同じ文です。"]
-    refs = ["米誌プレイボーイは女性のヌード写真の掲載を止める方針。", "米朝首脳会談は6月12日にシンガポールで開催される。",
-            "要約", "同じ文です。"]
-    expected = [scorer.score(r, p)["rouge2"].fmeasure for p, r in zip(preds, refs, strict=True)]
-    assert 0.0 < expected[0] < 1.0 and expected[3] == 1.0
-    assert metrics.rouge2_ja(preds, refs) == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    scorer = rouge_scorer.RougeScorer(["rouge2"], tokenizer=Pieces())
+    preds, refs = [p for p, _ in ROUGE_PAIRS], [r for _, r in ROUGE_PAIRS]
+    expected = [scorer.score(r, p)["rouge2"].fmeasure for p, r in ROUGE_PAIRS]
+    assert 0.0 < expected[0] < 1.0 and expected[2] == 0.0 and expected[6] == 1.0
+    assert metrics.rouge2_scores(preds, refs, mixtral.pieces) == pytest.approx(expected, abs=1e-12)
+    assert metrics.rouge2(preds, refs, mixtral.pieces) == pytest.approx(sum(expected) / len(expected), abs=1e-9)
+    # the pieces are the tokenizer's strings: the word-boundary mark and byte pieces for rare kanji
+    assert mixtral.pieces("鬱蒼")[0] == "▁" and "<0xE9>" in mixtral.pieces("鬱蒼")
+    # a different tokenization gives a different score: the tokenizer matters
+    assert metrics.rouge2(preds, refs, list) != pytest.approx(metrics.rouge2(preds, refs, mixtral.pieces))
+
+
+def test_rouge2_harness_is_the_seeded_bootstrap_mid(mixtral):
+    """rouge_score's BootstrapAggregator after np.random.seed(1234), as the harness ran it for XL-Sum."""
+    np = pytest.importorskip("numpy")
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scoring = pytest.importorskip("rouge_score.scoring")
+
+    class Pieces:
+        def tokenize(self, text):
+            return mixtral.pieces(text)
+
+    pairs = ROUGE_PAIRS * 5 + [(r, p) for p, r in ROUGE_PAIRS]
+    scorer = rouge_scorer.RougeScorer(["rouge2"], tokenizer=Pieces())
+    state = np.random.get_state()
+    try:
+        np.random.seed(1234)
+        agg = scoring.BootstrapAggregator()
+        for p, r in pairs:
+            agg.add_scores(scorer.score(r, p))
+        expected = agg.aggregate()["rouge2"].mid.fmeasure
+    finally:
+        np.random.set_state(state)
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    got = metrics.rouge2_harness(preds, refs, mixtral.pieces)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert got != metrics.rouge2(preds, refs, mixtral.pieces)  # the mid is not the mean
+    assert metrics.rouge2_harness(preds[::-1], refs[::-1], mixtral.pieces) != got  # order matters, as upstream
+
+
+def test_mgsm_gold_on_every_row(eval_data):
+    """Every answer of mgsm_ja.tsv parses to the integer answer_number; the English file of the same problems
+    (same row order) agrees, and the four rows with thousands separators give the harness's numbers."""
+    import csv
+
+    def rows(name):
+        with (eval_data / "mgsm" / name).open(encoding="utf-8", newline="") as f:
+            return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+    ja, en = rows("mgsm_ja.tsv"), rows("mgsm_en.tsv")
+    assert len(ja) == len(en) == 250
+    for (_, a), (_, b) in zip(ja, en, strict=True):
+        expected = int(b.replace(",", ""))
+        assert metrics.mgsm_gold(a) == expected and isinstance(metrics.mgsm_gold(a), int)
+    assert [metrics.mgsm_gold(ja[i][1]) for i in (146, 201, 230, 249)] == [2125, 114200, 276000, 5600]
+    assert metrics.mgsm_correct("答えは2,125です", metrics.mgsm_gold("2,125")) == 1.0
+    with pytest.raises(ValueError, match="not an integer"):
+        metrics.mgsm_gold("12.5")
 
 
 def test_metrics_import_without_torch():

@@ -26,6 +26,12 @@ class Scripted:
     def count_tokens(self, text: str) -> int:
         return len(text)
 
+    def head(self, text: str, n: int) -> str:
+        return text[:n]
+
+    def pieces(self, text: str) -> list[str]:
+        return list(text)
+
     def complete(self, requests):
         if self.crash_after is not None and self.batches >= self.crash_after:
             raise KeyboardInterrupt("simulated crash")

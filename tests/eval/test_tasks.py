@@ -135,13 +135,25 @@ def test_xlsum_prompt(eval_data, proto):
 
 
 def test_xlsum_long_context_is_cut_at_sentence_ends(eval_data, proto):
-    budget = T.Budget(count_tokens=len, max_prompt_tokens=400)
+    """With a context length, the budget is max_length - (summary length + 10), shared by the two articles
+    (characters count as tokens here; tests/eval/test_xlsum_cut.py checks the real tokenizer)."""
+    budget = T.Budget(count_tokens=len, max_prompt_tokens=None, max_length=800)
     (item,) = _first("xlsum", eval_data, proto, budget=budget)
     assert item.prompt.startswith("与えられたニュース記事を要約してください。\n\nニュース記事:")
     assert item.prompt.endswith("。\n要約:")  # the item's article, cut after a whole sentence
     assert item.prompt.count("ニュース記事:") == 2
-    article = item.prompt.split("ニュース記事:")[2][: -len("\n要約:")]
-    assert len(article) <= 400 // 2 + 2
+    share = (800 - (len(item.gold) + 10)) // 2
+    article = "ニュース記事:" + item.prompt.split("ニュース記事:")[2][: -len("。\n要約:")]
+    assert len(article) <= share
+    (uncut,) = _first("xlsum", eval_data, proto, budget=T.Budget(count_tokens=len, max_length=100_000))
+    assert uncut == _first("xlsum", eval_data, proto)[0] and len(uncut.prompt) > 800
+
+
+def test_xlsum_first_sentence_longer_than_its_share_keeps_its_head():
+    budget = T.Budget(count_tokens=len, max_length=60)
+    parts = [("ニュース記事:" + "あ" * 100 + "。い。\n", "要約:")]
+    out = T.fit_xlsum("説明\n\n", parts, 30, budget, "\n")
+    assert out == "説明\n\n" + ("ニュース記事:" + "あ" * 100)[:30] + "\n要約:"
 
 
 def test_mgsm_prompt(eval_data, proto):
@@ -156,7 +168,56 @@ def test_mgsm_prompt(eval_data, proto):
     expected += f"\n\n問題：{question}\nステップごとの答え："
     (item,) = _first("mgsm", eval_data, proto)
     assert all(s["q"].startswith("問題：") for s in shots)
-    assert item.prompt == expected and item.gold == answer
+    assert item.prompt == expected and item.gold == str(int(answer.replace(",", "")))
+
+
+def test_mgsm_full_run_reads_every_row(eval_data, proto):
+    items = T.TASKS["mgsm"].build(eval_data, proto, None, T.Budget())
+    assert len(items) == 250 and {"2125", "114200", "276000", "5600"} <= {i.gold for i in items}
+    assert all(i.gold.lstrip("-").isdigit() for i in items)
+
+
+def test_mgsm_bad_answer_names_the_row(tmp_path):
+    (tmp_path / "bad.tsv").write_text("問題1\t3\n問題2\t3.5\n", encoding="utf-8")
+    with pytest.raises(T.UserError, match=r"bad.tsv:2: MGSM answer '3.5' is not an integer"):
+        T.read_mgsm(tmp_path / "bad.tsv")
+
+
+def test_niilc_answers_are_whitespace_stripped(eval_data, tmp_path):
+    golds = {g for _, _, g in T.read_niilc(eval_data / "niilc/NIILC-ECQA2015_test.xml")}
+    assert all(g == g.strip() and ", " not in g for g in golds)
+    assert any("Digital Versatile Disc" in g for g in golds)  # written 'Digital Versatile Disc ' in the file
+    (tmp_path / "q.xml").write_text("<questions><question id='q1'><text> 問い </text><answers><answer> 甲 </answer>"
+                                    "<answer>乙\n</answer></answers></question></questions>", encoding="utf-8")
+    assert T.read_niilc(tmp_path / "q.xml") == [("q1", "質問：問い", "甲,乙")]
+
+
+def test_wmt_lines_are_rstripped(tmp_path):
+    (tmp_path / "wmt20").mkdir()
+    (tmp_path / "wmt20/en-ja.en").write_text("Hello. \nBye\t\n", encoding="utf-8")
+    (tmp_path / "wmt20/en-ja.ja").write_text("こんにちは。\u3000\nさようなら \n", encoding="utf-8")
+    assert T.read_parallel(tmp_path, "wmt20_en_ja") == [{"src": "Hello.", "ref": "こんにちは。"},
+                                                        {"src": "Bye", "ref": "さようなら"}]
+
+
+def test_missing_packages_are_named_before_anything_runs(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nagisa", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "rapidfuzz", None)
+    tasks = T.select_tasks("ja", None)
+    assert T.missing_packages(tasks) == ["nagisa", "rapidfuzz"]
+    assert T.missing_packages([T.TASKS["jcom"], T.TASKS["xlsum"], T.TASKS["mgsm"], T.TASKS["gsm8k"]]) == []
+    with pytest.raises(T.UserError, match=r"nagisa \(for wmt20_en_ja\); rapidfuzz \(for jemhopqa, niilc, jsquad\)"
+                                          r".*pip install 'moecpt\[eval\]'"):
+        T.check_requirements(tasks)
+    T.check_requirements([T.TASKS["jcom"], T.TASKS["wmt20_ja_en"]])  # sacrebleu is there: no error
+
+
+def test_no_mecab_needed():
+    """XL-Sum's ROUGE counts the evaluated tokenizer's pieces: no task needs MeCab (fugashi) any more."""
+    assert not any({"fugashi", "unidic_lite", "MeCab"} & set(t.requires) for t in T.TASKS.values())
+    assert T.TASKS["xlsum"].tokenized and T.TASKS["xlsum"].requires == ()
 
 
 def test_mgsm_drops_shots_until_the_prompt_fits(eval_data, proto):

@@ -68,6 +68,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def pieces(self, text: str) -> list[str]:
+        """The token strings of `text` (no BOS/EOS), as Hugging Face's `tokenizer.tokenize` gives them: for
+        SentencePiece vocabularies with their "▁" marks and byte pieces such as "<0xE3>"."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -102,6 +107,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def pieces(self, text: str) -> list[str]:
+        return self._sp.encode(text, out_type=str)
 
 
 class HFTokenizer(Tokenizer):
@@ -148,6 +156,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def pieces(self, text: str) -> list[str]:
+        return list(self._tok.encode(text, add_special_tokens=False).tokens)
 
 
 def _special_tokens_from_config(path: Path) -> dict[str, str]:

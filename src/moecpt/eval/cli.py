@@ -6,18 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from moecpt.errors import UserError
-
-
-def default_data_dir() -> Path | None:
-    """`../shared/data/eval` beside the working directory or the source checkout, when it exists."""
-    here = Path(__file__).resolve()
-    for base in (Path.cwd(), *here.parents):
-        candidate = base.parent / "shared" / "data" / "eval"
-        if candidate.is_dir():
-            return candidate
-    return None
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` command."""
@@ -55,47 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moecpt.eval import heldout, report, runner
-    from moecpt.eval import tasks as T
-    from moecpt.eval.lm import ModelLM, load_eval_tokenizer, load_model, model_identity
+    from moecpt.eval.runner import evaluate_model
 
-    data_dir = args.data_dir or default_data_dir()
-    if data_dir is None:
-        raise UserError("no evaluation data directory: pass --data-dir DIR (the layout of ../shared/data/eval)")
-    if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir}: not a directory")
-    if args.limit is not None and args.limit <= 0:
-        raise UserError(f"--limit {args.limit}: must be a positive number of items")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size {args.batch_size}: must be positive")
-    selected = T.select_tasks(args.suite, args.tasks)
-    compare = report.read_results(args.compare) if args.compare else None
-    langs = {t.lang for t in selected}
-    corpora = heldout.resolve_heldout(args.heldout, langs, data_dir.parent)
-
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = load_eval_tokenizer(args.model, args.tokenizer)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                        f"has {model.config.vocab_size}; pass the model's tokenizer with --tokenizer")
-    lm = ModelLM(model, tokenizer, max_length=args.max_length, batch_size=args.batch_size)
-    name = args.name or Path(args.model).resolve().name
-    identity = {"model": model_identity(args.model), "tokenizer": tokenizer.fingerprint}
-    extra = {"name": name, "model": str(Path(args.model).resolve()), "data_dir": str(data_dir.resolve())}
-
-    def write(out_dir: Path, results: dict) -> None:
-        report.write(out_dir, results, compare)
-
-    results = runner.evaluate(lm, selected, data_dir, args.output, identity, protocol=args.protocol,
-                              limit=args.limit, progress=not args.no_progress, extra=extra, write=write)
-    if corpora:
-        results["heldout"] = {}
-        for corpus, path in corpora.items():
-            texts = heldout.read_texts(path, limit=args.limit)
-            results["heldout"][corpus] = {**heldout.bits_per_byte(model, tokenizer, texts, lm.max_length,
-                                                                   args.batch_size), "file": str(path)}
-    results.setdefault("average", None)
-    report.write(args.output, results, compare)
-    print(report.markdown(results, compare), end="")
+    results = evaluate_model(
+        args.model, args.output, data_dir=args.data_dir, suite=args.suite, tasks=args.tasks, limit=args.limit,
+        batch_size=args.batch_size, max_length=args.max_length, heldout=args.heldout, compare=args.compare,
+        name=args.name, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, protocol=args.protocol,
+        progress=not args.no_progress)
+    print((args.output / "results.md").read_text(encoding="utf-8"), end="")
     print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}", file=sys.stderr)
     return 1 if results["skipped"] else 0

@@ -1,26 +1,31 @@
 """Metric functions of the Swallow-MX protocol, each matching the reference tool that defined it.
 
 Every score is on a 0-1 scale (BLEU and ROUGE are divided by 100). The tokenizers and scorers these metrics
-rely on (rapidfuzz, sacrebleu, fugashi + unidic-lite, nagisa, rouge-score) are imported only when a metric
-needs them, so `import moecpt.eval.metrics` is cheap and works without torch.
+rely on (rapidfuzz, sacrebleu, nagisa) are imported only when a metric needs them, so
+`import moecpt.eval.metrics` is cheap and works without torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
-# pip package that provides each lazily imported module
-_PIP_NAME = {
+# pip package that provides each lazily imported module (all in the `eval` extra)
+PIP_PACKAGES = {
     "rapidfuzz": "rapidfuzz",
     "sacrebleu": "sacrebleu",
-    "fugashi": "fugashi unidic-lite",
     "nagisa": "nagisa",
-    "rouge_score": "rouge-score",
 }
+EVAL_EXTRA = "eval"
+
+
+def missing_modules(modules: Sequence[str]) -> list[str]:
+    """The modules of `modules` that cannot be imported (looked up without importing them)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def _require(module: str):
@@ -28,8 +33,8 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f"this metric needs the Python package {module!r}: pip install {_PIP_NAME.get(module, module)} "
-            f"(or pip install 'moecpt[eval]')"
+            f"this metric needs the Python package {module!r}: pip install {PIP_PACKAGES.get(module, module)} "
+            f"(or pip install 'moecpt[{EVAL_EXTRA}]')"
         ) from e
 
 
@@ -108,6 +113,15 @@ def last_number(text: str) -> float | None:
         return None
 
 
+def mgsm_gold(answer: str) -> int:
+    """MGSM's gold answer as the integer `answer_number` the harness compares with: the TSV writes some with
+    thousands separators ("2,125", "114,200"), which are dropped. Anything but an integer is a ValueError."""
+    text = answer.strip().replace(",", "")
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise ValueError(f"MGSM answer {answer!r} is not an integer")
+    return int(text)
+
+
 def mgsm_correct(completion: str, answer: float) -> float:
     """1.0 when the completion's last number is an integer equal to `answer`, else 0.0."""
     value = last_number(completion)
@@ -168,52 +182,70 @@ def bleu_ja(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# XL-Sum: ROUGE-2 F over MeCab words
+# XL-Sum: ROUGE-2 F over the evaluated model's own tokenizer pieces, bootstrap mid as the JP harness reports it
+
+# rouge_score's BootstrapAggregator defaults, and the seed the JP harness gives numpy when an evaluation starts
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 1234
 
 
-@lru_cache(maxsize=1)
-def _mecab():
-    fugashi = _require("fugashi")
-    try:
-        return fugashi.Tagger("-Owakati")
-    except RuntimeError as e:  # no dictionary found
-        raise ImportError("fugashi found no MeCab dictionary: pip install unidic-lite") from e
-
-
-def mecab_words(text: str) -> list[str]:
-    """`text` split into words by MeCab (fugashi with unidic-lite, -Owakati)."""
-    return _mecab().parse(text).split()
-
-
-def _bigrams(words: list[str]) -> dict[tuple[str, str], int]:
+def _bigrams(words: Sequence[str]) -> dict[tuple[str, str], int]:
     counts: dict[tuple[str, str], int] = {}
     for pair in zip(words, words[1:], strict=False):
         counts[pair] = counts.get(pair, 0) + 1
     return counts
 
 
-def rouge2_f(pred_words: list[str], ref_words: list[str]) -> float:
-    """ROUGE-2 F-measure of two word lists, as rouge_score computes it (clipped bigram overlap)."""
-    pred, ref = _bigrams(pred_words), _bigrams(ref_words)
-    overlap = sum(min(n, ref.get(g, 0)) for g, n in pred.items())
-    n_pred, n_ref = sum(pred.values()), sum(ref.values())
-    precision = overlap / max(n_pred, 1)
-    recall = overlap / max(n_ref, 1)
+def rouge2_f(pred_words: Sequence[str], ref_words: Sequence[str]) -> float:
+    """ROUGE-2 F-measure of two token lists, as rouge_score computes it (clipped bigram overlap)."""
+    pred, ref = _bigrams(list(pred_words)), _bigrams(list(ref_words))
+    overlap = sum(min(n, pred.get(g, 0)) for g, n in ref.items())
+    precision = overlap / max(sum(pred.values()), 1)
+    recall = overlap / max(sum(ref.values()), 1)
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
-def rouge2_ja(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Mean ROUGE-2 F over items, Japanese split into MeCab words, on a 0-1 scale.
+def rouge2_scores(preds: Sequence[str], refs: Sequence[str], tokenize: Callable[[str], list[str]]) -> list[float]:
+    """Per-item ROUGE-2 F, both sides split by `tokenize` (text -> list of token strings).
 
-    The JP harness reports the mid point of rouge_score's BootstrapAggregator, an unseeded bootstrap estimate
-    of this same mean; the plain mean is its deterministic value.
+    The JP harness's XL-Sum scorer is `rouge_score.RougeScorer(["rouge2"], tokenizer=T)` with T the evaluated
+    model's tokenizer, so `tokenize` is that tokenizer's pieces (`tokenizer.tokenize`: "▁" marks and byte
+    pieces such as "<0xE3>" included); rouge_score applies no other normalisation with a custom tokenizer.
     """
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
-    if not preds:
+    return [rouge2_f(tokenize(p), tokenize(r)) for p, r in zip(preds, refs, strict=True)]
+
+
+def rouge2(preds: Sequence[str], refs: Sequence[str], tokenize: Callable[[str], list[str]]) -> float:
+    """Mean ROUGE-2 F over items (0-1), tokens from `tokenize` (see `rouge2_scores`)."""
+    return mean(rouge2_scores(preds, refs, tokenize))
+
+
+def bootstrap_mid(values: Sequence[float], n_samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> float:
+    """The mid (median) of rouge_score's BootstrapAggregator over per-item `values`.
+
+    It draws `n_samples` resamples of the items with replacement (`np.random.choice(np.arange(n), size=n)`),
+    takes each resample's mean and returns the 50th percentile of those means. The draws come from a numpy
+    RandomState seeded with `seed`: the state of numpy's global generator when the JP harness aggregates
+    XL-Sum (it calls `np.random.seed(1234)` when an evaluation starts and Swallow runs XL-Sum on its own).
+    """
+    import numpy as np
+
+    if not values:
         return 0.0
-    scores = [rouge2_f(mecab_words(p), mecab_words(r)) for p, r in zip(preds, refs, strict=True)]
-    return sum(scores) / len(scores)
+    scores = np.asarray(values, dtype=np.float64)
+    rng = np.random.RandomState(seed)
+    means = np.empty(n_samples)
+    for i in range(n_samples):
+        means[i] = scores[rng.choice(np.arange(scores.shape[0]), size=scores.shape[0])].mean()
+    return float(np.percentile(means, 50))
+
+
+def rouge2_harness(preds: Sequence[str], refs: Sequence[str], tokenize: Callable[[str], list[str]]) -> float:
+    """XL-Sum's score as the JP harness reports it (divided by 100): the seeded bootstrap mid of the per-item
+    ROUGE-2 F over `tokenize`'s pieces. Items must be in the harness's order (its shuffled document order)."""
+    return bootstrap_mid(rouge2_scores(preds, refs, tokenize))
 
 
 def mean(values: Sequence[float]) -> float:

@@ -23,14 +23,29 @@ from moecpt.eval.lm import Request
 
 
 class Completer(Protocol):
-    """What the runner needs from a model: token counting, a context length, batched completion."""
+    """What the runner needs from a model: its tokenizer's counts, heads and pieces, a context length, batched
+    completion."""
 
     max_length: int
     batch_size: int
 
     def count_tokens(self, text: str) -> int: ...
 
+    def head(self, text: str, n: int) -> str: ...
+
+    def pieces(self, text: str) -> list[str]: ...
+
     def complete(self, requests: Sequence[Request]) -> list[str]: ...
+
+
+def default_data_dir() -> Path | None:
+    """`../shared/data/eval` beside the working directory or the source checkout, when it exists."""
+    here = Path(__file__).resolve()
+    for base in (Path.cwd(), *here.parents):
+        candidate = base.parent / "shared" / "data" / "eval"
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def prompt_hash(prompt: str) -> str:
@@ -156,7 +171,7 @@ def evaluate(
     results: dict[str, Any] = {"tasks": {}, "skipped": {}, "protocol": protocol, "limit": limit, **(extra or {})}
     for task in tasks:
         max_new_tokens, stop = T.generation(task, spec)
-        budget = T.Budget(lm.count_tokens, lm.max_length - max_new_tokens - int(task.bos))
+        budget = T.Budget(lm.count_tokens, lm.max_length - max_new_tokens - int(task.bos), lm.max_length, lm.head)
         try:
             items = task.build(Path(data_dir), spec, limit, budget)
         except T.MissingData as e:
@@ -165,10 +180,87 @@ def evaluate(
             continue
         store = PredictionStore(out_dir / "predictions" / f"{task.name}.jsonl")
         preds, golds = run_task(task, items, lm, store, max_new_tokens, stop, progress)
-        results["tasks"][task.name] = {"score": task.score(preds, golds), "n": len(items), "metric": task.metric,
-                                       "source": task.source}
+        results["tasks"][task.name] = {"score": task.score(preds, golds, lm.pieces), "n": len(items),
+                                       "metric": task.metric, "source": task.source}
         results.update(averages(results["tasks"]))
         if write is not None:
             write(out_dir, results)
     results.update(averages(results["tasks"]))
+    return results
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """The evaluation data directory: the one given, else `default_data_dir()`; a UserError when there is none."""
+    path = Path(data_dir) if data_dir is not None else default_data_dir()
+    if path is None:
+        raise UserError("no evaluation data directory: pass --data-dir DIR (the layout of ../shared/data/eval)")
+    if not path.is_dir():
+        raise UserError(f"evaluation data directory {path}: not a directory")
+    return path
+
+
+def check_options(limit: int | None, batch_size: int) -> None:
+    if limit is not None and limit <= 0:
+        raise UserError(f"limit {limit}: must be a positive number of items")
+    if batch_size <= 0:
+        raise UserError(f"batch size {batch_size}: must be positive")
+
+
+def load_model_and_tokenizer(model: str | Path, tokenizer: str | None, dtype: str, device: str):
+    """The model (eval mode) and its tokenizer, checked to fit each other."""
+    from moecpt.eval.lm import load_eval_tokenizer, load_model
+
+    loaded = load_model(model, dtype=dtype, device=device)
+    tok = load_eval_tokenizer(model, tokenizer)
+    if tok.vocab_size > loaded.config.vocab_size:
+        raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
+                        f"{loaded.config.vocab_size}; pass the model's tokenizer with --tokenizer")
+    return loaded, tok
+
+
+def heldout_losses(model, tokenizer, corpora: dict[str, Path], limit: int | None, max_length: int,
+                   batch_size: int) -> dict[str, dict[str, Any]]:
+    """Bits per byte of each held-out corpus, with the file it came from."""
+    from moecpt.eval.heldout import heldout_bits_per_byte, read_texts
+
+    return {corpus: {**heldout_bits_per_byte(model, tokenizer, read_texts(path, limit=limit), max_length, batch_size),
+                     "file": str(path)} for corpus, path in corpora.items()}
+
+
+def evaluate_model(model: str | Path, output: str | Path, *, data_dir: str | Path | None = None, suite: str = "ja",
+                   tasks: str | None = None, limit: int | None = None, batch_size: int = 8,
+                   max_length: int | None = None, heldout: str = "auto", compare: str | Path | None = None,
+                   name: str | None = None, device: str = "auto", dtype: str = "auto", tokenizer: str | None = None,
+                   protocol: str = T.DEFAULT_PROTOCOL, progress: bool = True) -> dict[str, Any]:
+    """Evaluate the model directory `model` (Hugging Face directory, trainer checkpoint or run directory) on a
+    task suite (`ja`, `en`, `all`) or an explicit comma-separated `tasks` list, plus held-out bits per byte
+    (`heldout`: auto, none or NAME=FILE.jsonl,...), into `output` (results.json, results.md, predictions/).
+
+    Everything that can be checked before the model is loaded is checked first: options, data directory,
+    the Python packages the tasks need (`tasks.check_requirements`), the comparison file, held-out files.
+    Returns the results dict (what results.json holds); tasks skipped for missing data are under "skipped".
+    """
+    from moecpt.eval import report
+    from moecpt.eval.heldout import resolve_heldout
+    from moecpt.eval.lm import ModelLM, model_identity
+
+    data = resolve_data_dir(data_dir)
+    check_options(limit, batch_size)
+    selected = T.select_tasks(suite, tasks)
+    T.check_requirements(selected)
+    other = report.read_results(compare) if compare else None
+    corpora = resolve_heldout(heldout, {t.lang for t in selected}, data.parent)
+
+    loaded, tok = load_model_and_tokenizer(model, tokenizer, dtype, device)
+    lm = ModelLM(loaded, tok, max_length=max_length, batch_size=batch_size)
+    identity = {"model": model_identity(model), "tokenizer": tok.fingerprint}
+    extra = {"name": name or Path(model).resolve().name, "model": str(Path(model).resolve()),
+             "data_dir": str(data.resolve())}
+    out = Path(output)
+    results = evaluate(lm, selected, data, out, identity, protocol=protocol, limit=limit, progress=progress,
+                       extra=extra, write=lambda path, res: report.write(path, res, other))
+    if corpora:
+        results["heldout"] = heldout_losses(loaded, tok, corpora, limit, lm.max_length, batch_size)
+    results.setdefault("average", None)
+    report.write(out, results, other)
     return results

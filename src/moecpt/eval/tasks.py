@@ -54,10 +54,14 @@ class Item:
 
 @dataclass(frozen=True)
 class Budget:
-    """How prompts are measured: a token counter (no BOS) and the longest prompt allowed for a task."""
+    """How prompts are measured: a token counter (no BOS), the longest prompt allowed for a task, the context
+    length (prompt + generation; XL-Sum sets its own budget from it) and `head(text, n)`, the text of the first
+    n tokens of `text` (by default its first n characters, to go with the default counter `len`)."""
 
     count_tokens: Callable[[str], int] = len
     max_prompt_tokens: int | None = None
+    max_length: int | None = None
+    head: Callable[[str, int], str] = field(default=lambda text, n: text[:max(n, 0)], repr=False)
 
     def fits(self, text: str) -> bool:
         return self.max_prompt_tokens is None or self.count_tokens(text) <= self.max_prompt_tokens
@@ -84,10 +88,19 @@ class Task:
     build: Callable[[Path, dict[str, Any], int | None, Budget], list[Item]] = field(repr=False)
     clean: Callable[[str], str] = field(repr=False)
     item_score: Callable[[str, str], float] | None = field(repr=False)
-    corpus_score: Callable[[list[str], list[str]], float] | None = field(default=None, repr=False)
+    corpus_score: Callable[..., float] | None = field(default=None, repr=False)
+    # corpus_score takes a third argument, the evaluated tokenizer's pieces (text -> list of token strings)
+    tokenized: bool = False
+    requires: tuple[str, ...] = ()  # Python modules its scoring imports (see `missing_packages`)
 
-    def score(self, preds: list[str], golds: list[str]) -> float:
-        """The task score over these items, 0-1."""
+    def score(self, preds: list[str], golds: list[str],
+              tokenize: Callable[[str], list[str]] | None = None) -> float:
+        """The task score over these items, 0-1. `tokenize`: the evaluated tokenizer's pieces, which a
+        `tokenized` task (XL-Sum) scores over."""
+        if self.tokenized:
+            if tokenize is None:
+                raise ValueError(f"task {self.name} is scored over the evaluated tokenizer's pieces: pass tokenize")
+            return self.corpus_score(preds, golds, tokenize)
         if self.corpus_score is not None:
             return self.corpus_score(preds, golds)
         return metrics.mean([self.item_score(p, g) for p, g in zip(preds, golds, strict=True)])
@@ -186,17 +199,18 @@ def read_jemhopqa(path: Path) -> list[tuple[str, str, str]]:
 
 
 def read_niilc(path: Path) -> list[tuple[str, str, str]]:
-    """NIILC questions with their joined answers; items whose answer is '-' are dropped, as llm-jp-eval does."""
+    """NIILC questions with their joined answers (each stripped of surrounding whitespace); items whose answer
+    is '-' are dropped, as llm-jp-eval does."""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         raise UserError(f"{path}: not valid XML ({e})") from e
     out = []
-    for q in root.iter("question"):
-        answer = niilc_answer([(a.text or "") for a in q.iter("answer")])
+    for q in root.iter("question"):  # text nodes whitespace-stripped, as xmltodict (llm-jp-eval's reader) does
+        answer = niilc_answer([(a.text or "").strip() for a in q.iter("answer")])
         if answer == "-":
             continue
-        out.append((q.get("id", ""), f"質問：{q.findtext('text', '')}", answer))
+        out.append((q.get("id", ""), f"質問：{q.findtext('text', '').strip()}", answer))
     return out
 
 
@@ -267,35 +281,54 @@ def _fewshot_sep(spec: dict) -> str:
     return spec["SEP"] * 2 if "SEP" in spec else "\n\n"
 
 
-def truncate_xlsum(ctx: str, budget: Budget, sep: str, ctx_prompt: str = "ニュース記事:",
-                   summary_prompt: str = "要約:") -> str:
-    """The harness's XL-Sum context fitting: when too long, each article (shot and item alike) keeps as many
-    whole sentences (split at 。) as fit an equal share of the budget, and its cut text ends with '。' + SEP."""
-    if budget.fits(ctx):
+XLSUM_SUMMARY_PROMPT = "要約:"  # where each article ends in the harness's XL-Sum context
+XLSUM_SUMMARY_ALLOWANCE = 10  # the harness budgets the gold summary's tokens + 10 for the answer
+
+
+def cut_article(text: str, share: int, budget: Budget, sep: str) -> str:
+    """One article as the harness cuts it to `share` tokens: the sentences (split at '。') whose join still fits,
+    the last kept one closed with '。' + `sep`; when even the first does not fit, the text of its first `share`
+    tokens + `sep`. A text that fits comes back unchanged."""
+    kept: list[str] = []
+    for sentence in text.split("。"):
+        if budget.count_tokens("。".join([*kept, sentence])) > share:
+            if kept:
+                kept[-1] += "。" + sep
+            else:
+                kept.append(budget.head(sentence, share) + sep)
+            break
+        kept.append(sentence)
+    return "。".join(kept)
+
+
+def fit_xlsum(description: str, parts: list[tuple[str, str]], max_tokens: int, budget: Budget, sep: str) -> str:
+    """The harness's XL-Sum context fitting (`preprocess_ctx`). `parts` are the (article, rest) pairs of the
+    shots and the item in order: the article is `ニュース記事:{text}\n`, the rest `要約:{summary}` + few-shot
+    separator (just `要約:` for the item). A context of at most `max_tokens` tokens is kept whole; a longer one
+    has each article cut to `max_tokens // len(parts)` tokens (the description is not counted)."""
+    ctx = description + "".join(article + rest for article, rest in parts)
+    if budget.count_tokens(ctx) <= max_tokens:
         return ctx
-    pieces = [f"{ctx_prompt}{c}" for c in ctx.split(ctx_prompt)]
-    description = ""
-    if summary_prompt not in pieces[0]:
-        description = pieces[0].replace(ctx_prompt, "")
-        pieces = pieces[1:]
-    per_piece = budget.max_prompt_tokens // len(pieces)
-    out = description
-    for piece in pieces:
-        text, summary = piece.split(summary_prompt, 1)
-        kept: list[str] = []
-        for sentence in text.split("。"):
-            if budget.count_tokens("。".join(kept + [sentence])) > per_piece:
-                if kept:
-                    kept[-1] += "。" + sep
-                else:  # a first sentence longer than the share: keep its head, by characters
-                    head = sentence
-                    while head and budget.count_tokens(head) > per_piece:
-                        head = head[: len(head) * 3 // 4]
-                    kept.append(head + sep)
-                break
-            kept.append(sentence)
-        out += "。".join(kept) + summary_prompt + summary
-    return out
+    share = max_tokens // len(parts)
+    return description + "".join(cut_article(article, share, budget, sep) + rest for article, rest in parts)
+
+
+def xlsum_max_tokens(summary: str, budget: Budget) -> int | None:
+    """The harness's XL-Sum context budget: the context length less the gold summary's tokens and 10 (its
+    DYNAMIC_MAX_LENGTH, on by default); None when the budget has no context length (nothing is cut)."""
+    if budget.max_length is None:
+        return None
+    return budget.max_length - (budget.count_tokens(summary) + XLSUM_SUMMARY_ALLOWANCE)
+
+
+def _xlsum_parts(spec: dict, shots: list[dict], doc: dict, sep: str) -> list[tuple[str, str]]:
+    template = spec["doc_to_text"]
+    if not template.endswith(XLSUM_SUMMARY_PROMPT):
+        raise UserError(f"xlsum: the protocol's doc_to_text {template!r} must end with {XLSUM_SUMMARY_PROMPT!r}")
+    cut = len(XLSUM_SUMMARY_PROMPT)
+    parts = [(template.format(text=s["text"])[:-cut],
+              XLSUM_SUMMARY_PROMPT + spec["doc_to_target"].format(summary=s["summary"]) + sep) for s in shots]
+    return [*parts, (template.format(text=doc["text"])[:-cut], XLSUM_SUMMARY_PROMPT)]
 
 
 def _build_xlsum(data_dir: Path, protocol: dict, limit: int | None, budget: Budget) -> list[Item]:
@@ -312,10 +345,12 @@ def _build_xlsum(data_dir: Path, protocol: dict, limit: int | None, budget: Budg
     sep = _fewshot_sep(spec)
     items = []
     for doc in order:
-        shots = [spec["doc_to_text"].format(text=s["text"]) + spec["doc_to_target"].format(summary=s["summary"])
-                 for s in draw_shots(rnd, doc, spec["shots"], train, docs)]
-        ctx = harness_context(spec["description"], shots, spec["doc_to_text"].format(text=doc["text"]), sep)
-        ctx = truncate_xlsum(ctx, budget, spec["SEP"])
+        parts = _xlsum_parts(spec, draw_shots(rnd, doc, spec["shots"], train, docs), doc, sep)
+        max_tokens = xlsum_max_tokens(doc["summary"], budget)
+        if max_tokens is None:
+            ctx = spec["description"] + "".join(a + b for a, b in parts)
+        else:
+            ctx = fit_xlsum(spec["description"], parts, max_tokens, budget, spec["SEP"])
         items.append(Item(str(doc.get("id", index[id(doc)])), ctx, doc["summary"]))
     return items
 
@@ -332,8 +367,7 @@ def _build_mgsm(data_dir: Path, protocol: dict, limit: int | None, budget: Budge
     spec = _protocol_part(protocol, "jp_harness", "mgsm")["tasks"]["mgsm_ja"]
     tsv = _need(data_dir, "mgsm", "mgsm/mgsm_ja.tsv")
     exemplar_file = _need(data_dir, "mgsm", "mgsm/exemplars.json")
-    with tsv.open(encoding="utf-8", newline="") as f:
-        docs = [{"question": q, "answer": a} for q, a in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    docs = read_mgsm(tsv)
     exemplars = _read_json(exemplar_file)["MGSM_EXEMPLARS"]["ja"]
     train = [{"question": e["q"], "answer": e["a"]} for _, e in sorted(exemplars.items(), key=lambda kv: int(kv[0]))]
     index = {id(d): i for i, d in enumerate(docs)}
@@ -349,8 +383,24 @@ def _build_mgsm(data_dir: Path, protocol: dict, limit: int | None, budget: Budge
             ctx = harness_context(spec["description"], shots, mgsm_text(doc["question"]), sep)
             if budget.fits(ctx):
                 break
-        items.append(Item(str(index[id(doc)]), ctx, doc["answer"].strip()))
+        items.append(Item(str(index[id(doc)]), ctx, doc["answer"]))
     return items
+
+
+def read_mgsm(path: Path) -> list[dict]:
+    """MGSM's TSV (question TAB answer): the answer as the integer answer_number, as a string ("2,125" ->
+    "2125"); a row without two fields or with a non-integer answer is a UserError naming the row."""
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    docs = []
+    for n, row in enumerate(rows, 1):
+        if len(row) != 2:
+            raise UserError(f"{path}:{n}: expected question TAB answer, found {len(row)} fields")
+        try:
+            docs.append({"question": row[0], "answer": str(metrics.mgsm_gold(row[1]))})
+        except ValueError as e:
+            raise UserError(f"{path}:{n}: {e}") from e
+    return docs
 
 
 _WMT_FILES = {
@@ -363,13 +413,18 @@ _WMT_FILES = {
 }
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a text file, each `rstrip()`ed, as the harness reads sacrebleu's files."""
+    with path.open(encoding="utf-8") as f:
+        return [line.rstrip() for line in f]
+
+
 def read_parallel(data_dir: Path, task: str) -> list[dict]:
     """Source/reference segments of a WMT20 direction, one segment a line."""
     for src_rel, ref_rel in _WMT_FILES[task]:
         src, ref = data_dir / src_rel, data_dir / ref_rel
         if src.is_file() and ref.is_file():
-            s = src.read_text(encoding="utf-8").splitlines()
-            r = ref.read_text(encoding="utf-8").splitlines()
+            s, r = read_lines(src), read_lines(ref)
             if len(s) != len(r):
                 raise UserError(f"{src} has {len(s)} lines but {ref} has {len(r)}; they must align line by line")
             return [{"src": a, "ref": b} for a, b in zip(s, r, strict=True)]
@@ -442,13 +497,18 @@ def _llm_jp_task(name: str, title: str, key: str, metric: str, data: str, reader
                 max_new_tokens=0,  # from the protocol file: output_length
                 stop=("\n",),  # the prediction ends at the first newline: no need to generate past it
                 decode="after_prompt", bos=False, build=_llm_jp_builder(name, key, (data,), reader),
-                clean=llm_jp_clean, item_score=_nfkc_gold(score))
+                clean=llm_jp_clean, item_score=_nfkc_gold(score),
+                requires=() if metric == "exact_match" else ("rapidfuzz",))
 
 
-def _harness_task(name: str, title: str, key: str, metric: str, build, item_score=None, corpus_score=None) -> Task:
+def _harness_task(name: str, title: str, key: str, metric: str, build, **scoring) -> Task:
     return Task(name=name, title=title, lang="ja", source=HARNESS, metric=metric, protocol_key=key,
                 max_new_tokens=HARNESS_MAX_NEW_TOKENS, stop=(), decode="new_tokens", bos=False, build=build,
-                clean=_identity, item_score=item_score, corpus_score=corpus_score)
+                clean=_identity, **{"item_score": None, **scoring})
+
+
+def _mgsm_score(pred: str, gold: str) -> float:
+    return metrics.mgsm_correct(pred, int(gold))
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -456,17 +516,36 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     _llm_jp_task("jemhopqa", "JEMHopQA", "jemhopqa", "char_f1", "jemhopqa/corpus/dev.json", read_jemhopqa),
     _llm_jp_task("niilc", "NIILC", "niilc", "char_f1", "niilc/NIILC-ECQA2015_test.xml", read_niilc),
     _llm_jp_task("jsquad", "JSQuAD", "jsquad", "char_f1", "jsquad/valid-v1.1.json", read_jsquad),
-    _harness_task("xlsum", "XL-Sum", "xlsum_ja", "rouge2", _build_xlsum, corpus_score=metrics.rouge2_ja),
-    _harness_task("mgsm", "MGSM", "mgsm_ja", "accuracy", _build_mgsm,
-                  item_score=lambda pred, gold: metrics.mgsm_correct(pred, float(gold))),
+    _harness_task("xlsum", "XL-Sum", "xlsum_ja", "rouge2", _build_xlsum, corpus_score=metrics.rouge2_harness,
+                  tokenized=True),
+    _harness_task("mgsm", "MGSM", "mgsm_ja", "accuracy", _build_mgsm, item_score=_mgsm_score),
     _harness_task("wmt20_en_ja", "WMT20 (en-ja)", "wmt20_en_ja", "bleu", _wmt_builder("wmt20_en_ja"),
-                  corpus_score=metrics.bleu_ja),
+                  corpus_score=metrics.bleu_ja, requires=("sacrebleu", "nagisa")),
     _harness_task("wmt20_ja_en", "WMT20 (ja-en)", "wmt20_ja_en", "bleu", _wmt_builder("wmt20_ja_en"),
-                  corpus_score=metrics.bleu_en),
+                  corpus_score=metrics.bleu_en, requires=("sacrebleu",)),
     Task(name="gsm8k", title="GSM8K", lang="en", source="lm-evaluation-harness (8-shot)", metric="strict_match",
          protocol_key=None, max_new_tokens=256, stop=("Question:",), decode="new_tokens", bos=False,
          build=_build_gsm8k, clean=_identity, item_score=metrics.gsm8k_strict_match),
 )}
+
+
+def missing_packages(tasks: list[Task]) -> list[str]:
+    """The pip packages that `tasks` need for scoring and that are not installed (all in the `eval` extra)."""
+    modules = sorted({m for t in tasks for m in t.requires})
+    return [metrics.PIP_PACKAGES.get(m, m) for m in metrics.missing_modules(modules)]
+
+
+def check_requirements(tasks: list[Task]) -> None:
+    """Raise a UserError naming what to install when a package that `tasks` need is missing; call it before
+    any model loading or training, so that a run does not fail at its end."""
+    missing = missing_packages(tasks)
+    if missing:
+        need = {p: [t.name for t in tasks if any(metrics.PIP_PACKAGES.get(m, m) == p for m in t.requires)]
+                for p in missing}
+        detail = "; ".join(f"{p} (for {', '.join(names)})" for p, names in need.items())
+        raise UserError(f"the selected evaluation tasks need Python packages that are not installed: {detail}. "
+                        f"Install them with pip install 'moecpt[{metrics.EVAL_EXTRA}]' (from a checkout: "
+                        f"pip install -e '.[{metrics.EVAL_EXTRA}]'), or choose other tasks")
 
 
 def generation(task: Task, protocol: dict) -> tuple[int, tuple[str, ...]]:

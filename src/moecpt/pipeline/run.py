@@ -55,6 +55,7 @@ class Pipeline:
         if not (copy.exists() and copy.samefile(self.recipe.source)):  # rerun from the run directory's own copy
             shutil.copyfile(self.recipe.source, copy)
         say(f"recipe {self.recipe.name!r} ({self.recipe.source}) -> {self.run_dir}")
+        self.check_eval_requirements()
         for stage in STAGES:
             if stage == "base" and self.recipe.base is None:
                 continue
@@ -120,7 +121,7 @@ class Pipeline:
 
         cfg = self.recipe.stage_config(stage, self.resolved_corpora(), init_from=init_from)
         cfg.checkpoint.export_at_end = True
-        trainer = Trainer(cfg)
+        trainer = Trainer.from_config(cfg)
         first_step = trainer.step
         t0 = time.perf_counter()
         result = trainer.train()
@@ -131,7 +132,7 @@ class Pipeline:
             "run_dir": cfg.run_dir, "hf": result["export"], "steps": result["step"],
             "tokens": t.steps * t.global_batch * cfg.data.seq_len, "mixture": cfg.data.mixture,
             "mixture_report": trainer.dataset.report(t.steps * t.global_batch),
-            "device": str(trainer.device), "world_size": trainer.world,
+            "device": str(trainer.rt.device), "world_size": trainer.rt.world,
             "train_seconds": time.perf_counter() - t0, "steps_this_session": result["step"] - first_step,
             "params": trainer.model.num_params(), "active_params": trainer.model.num_params(active=True),
             "validation": result.get("validation", {}),
@@ -164,19 +165,22 @@ class Pipeline:
         data_dir = self.eval_data_dir()
         if data_dir is None:
             return str(self.heldout_only(label, model_dir, heldout, out))
-        from moecpt.cli import main
+        from moecpt.eval.runner import evaluate_model
 
-        argv = ["eval", "--model", model_dir, "--data-dir", str(data_dir), "--output", str(out), "--name", label,
-                "--batch-size", str(ev.batch_size), "--no-progress"]
-        argv += ["--tasks", ev.tasks] if ev.tasks else ["--suite", ev.suite]
-        argv += ["--limit", str(ev.limit)] if ev.limit else []
-        argv += ["--max-length", str(ev.max_length)] if ev.max_length else []
-        argv += ["--heldout", ",".join(f"{k}={v}" for k, v in heldout.items()) if heldout else "none"]
-        argv += ["--compare", compare] if compare else []
-        status = main(argv)
-        if status not in (0, 1):  # 1: some task had no data (named in the log); the others ran
-            raise UserError(f"evaluation of {label} failed (exit status {status})")
+        # a task without data is skipped (named in the log and in results.json); the others run
+        evaluate_model(model_dir, out, data_dir=data_dir, suite=ev.suite, tasks=ev.tasks or None,
+                       limit=ev.limit or None, batch_size=ev.batch_size, max_length=ev.max_length or None,
+                       heldout=",".join(f"{k}={v}" for k, v in heldout.items()) if heldout else "none",
+                       compare=compare, name=label, progress=False)
         return str(out / "results.json")
+
+    def check_eval_requirements(self) -> None:
+        """Before the first stage: when the eval stage will run tasks, the packages they need are installed."""
+        if self.done("eval") is not None or self.eval_data_dir() is None:
+            return
+        from moecpt.eval.tasks import check_requirements, select_tasks
+
+        check_requirements(select_tasks(self.recipe.eval.suite, self.recipe.eval.tasks or None))
 
     def eval_data_dir(self) -> Path | None:
         setting = self.recipe.eval.data_dir
@@ -184,13 +188,13 @@ class Pipeline:
             return None
         if setting:
             return Path(setting)
-        from moecpt.eval.cli import default_data_dir
+        from moecpt.eval.runner import default_data_dir
 
         return default_data_dir()
 
     def heldout_only(self, label: str, model_dir: str, heldout: dict[str, str], out: Path) -> Path:
         """Held-out bits per byte alone, in the layout of `moecpt eval`'s results.json."""
-        from moecpt.eval.heldout import bits_per_byte, read_texts
+        from moecpt.eval.heldout import heldout_bits_per_byte, read_texts
         from moecpt.eval.lm import load_eval_tokenizer, load_model
 
         model = load_model(model_dir)
@@ -198,7 +202,7 @@ class Pipeline:
         limit = self.recipe.eval.limit or None
         results = {"name": label, "model": model_dir, "tasks": {}, "average": None,
                    "skipped": {"tasks": "no evaluation data directory (eval.data_dir); held-out loss only"},
-                   "heldout": {lang: {**bits_per_byte(model, tok, read_texts(Path(f), limit=limit),
+                   "heldout": {lang: {**heldout_bits_per_byte(model, tok, read_texts(Path(f), limit=limit),
                                                       model.config.max_position_embeddings), "file": f}
                                for lang, f in heldout.items()}}
         out.mkdir(parents=True, exist_ok=True)
