@@ -257,7 +257,7 @@ def _private(name: str) -> bool:
 
 
 def _private_module_outside_its_package(importer: Module, target: str) -> bool:
-    """`moecpt.kernels._triton` is private to moecpt.kernels: modules of that package may import it."""
+    """`moecpt.kernels.support` is private to moecpt.kernels: modules of that package may import it."""
     parts = target.split(".")
     for i, p in enumerate(parts):
         if _private(p):
@@ -353,8 +353,6 @@ def test_no_function_over_60_lines():
 
 
 # ---- (e) one definition of each shared thing -------------------------------------------------------------
-# TODO(lead): add the init rule (`init_weights`), the loss, the parameter-name table and the model loader
-# here once the model-family interface gives each of them a single home.
 def definitions(g: Graph, kind: str, name: str) -> list[str]:
     found = []
     for mod in g.modules.values():
@@ -371,7 +369,16 @@ def definitions(g: Graph, kind: str, name: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(("kind", "name"), [("assignment", "IGNORE_INDEX"), ("function", "bits_per_byte")])
+@pytest.mark.parametrize(("kind", "name"), [
+    ("assignment", "IGNORE_INDEX"),
+    ("function", "bits_per_byte"),
+    ("function", "init_weights"),  # the init rule's one driver (each family says "ones" or "normal" per name)
+    ("function", "load_balancing_loss"),  # the loss module's parts
+    ("function", "router_z_loss"),
+    ("function", "linear_cross_entropy"),
+    ("function", "load_model"),  # the one model loader (HF directory, checkpoint or run directory)
+    ("function", "from_pretrained"),
+])
 def test_exactly_one_definition(kind, name):
     found = definitions(graph(), kind, name)
     if len(found) != 1:
@@ -452,3 +459,12 @@ def test_the_cycle_finder_finds_cycles():
     succ = defaultdict(set, {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
     comps = _strongly_connected(["a", "b", "c", "d"], succ)
     assert sorted(map(sorted, comps)) == [["a", "b", "c"], ["d"]]
+
+
+def test_parameter_names_are_written_in_one_module():
+    """The parameter-name table lives in the family's adapter: no other module spells a parameter name."""
+    g = graph()
+    found = sorted({mod.name for mod in g.modules.values() for node in ast.walk(mod.tree)
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and ("q_proj.weight" in node.value or "experts.gate_up_proj" in node.value)})
+    assert found == ["moecpt.model.families.mixtral"], found

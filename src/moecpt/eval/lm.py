@@ -1,6 +1,6 @@
 """The model side of evaluation: load a model directory and its tokenizer, complete prompts in batches.
 
-Loading goes through moecpt's one model loader (`moecpt.train.checkpoint.load_model`).
+Models are loaded by moecpt's one model loader, `moecpt.train.checkpoint.load_model` (re-exported here).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
+from moecpt.train.checkpoint import load_model  # noqa: F401  (re-exported: the one model loader)
 
 # The JP harness used by Swallow caps the context at 4096 tokens (its max_position_embeddings override); the
 # same cap keeps memory bounded here. --max-length changes it.
@@ -37,26 +38,6 @@ class Request:
 
 def _is_trainer_checkpoint(path: Path) -> bool:
     return (path / "COMPLETE").is_file() or (path / "checkpoints").is_dir()
-
-
-def load_model(path: str | Path, dtype: str = "auto", device: str = "auto"):
-    """The model in `path` (a Hugging Face directory, a moecpt checkpoint or a run directory, through the one
-    loader `moecpt.train.checkpoint.load_model`) on `device` in `dtype`, in eval mode."""
-    import torch
-
-    from moecpt.train.checkpoint import load_model as load
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise UserError(f"--dtype {dtype}: choose float32, bfloat16, float16 or auto")
-    try:
-        return load(path, dtype=torch_dtype, device=device).eval()
-    except UserError as e:
-        raise UserError(f"--model {e}") from None
 
 
 def model_identity(path: str | Path) -> dict[str, Any]:

@@ -163,15 +163,28 @@ def saved_model_config(ckpt: Path):
     return family(state.get("model_type"), str(ckpt / STATE_FILE)).config_cls(**state["model_config"])
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> CausalLM:
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu") -> CausalLM:
     """The one model loader: a Hugging Face directory, a moecpt checkpoint, or a run directory (its latest
-    checkpoint). `dtype=None` keeps the stored dtype (fp32 for checkpoints)."""
+    checkpoint). `dtype`: a torch dtype or its name, "auto" (bf16 on a GPU, else fp32) or None (as stored:
+    fp32 for checkpoints); `device` "auto": a GPU when there is one. The model comes in eval mode."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise UserError(f"dtype {dtype!r}: choose float32, bfloat16, float16 or auto")
+        dtype = _DTYPES[dtype]
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; expected a Hugging Face model directory (config.json + "
                         "*.safetensors), a moecpt checkpoint or a training run directory")
     if is_hf_dir(path):
-        return from_pretrained(path, dtype=dtype, device=device)
+        return from_pretrained(path, dtype=dtype, device=device).eval()
     ckpt = find_checkpoint(path)
     if ckpt is None:
         what = "a run directory without a complete checkpoint under checkpoints/" if (path / "checkpoints").is_dir() \
@@ -180,7 +193,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
                         "a moecpt checkpoint or a training run directory")
     model = build_model(saved_model_config(ckpt), device="cpu")
     load_model_weights(ckpt, model)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
