@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from moecpt.kernels import _triton
+from moecpt.kernels import support
 from moecpt.kernels.cross_entropy import linear_cross_entropy
 from moecpt.kernels.rmsnorm import rms_norm, rms_norm_reference
 from moecpt.kernels.rope import apply_rope, rope_reference
@@ -104,8 +104,8 @@ def compare(name: str, make_inputs: Callable[[torch.dtype], list[torch.Tensor]],
 
 def main() -> int:
     args = parse_args()
-    if not _triton.triton_usable(args.device):
-        print(f"bench/kernels.py: cannot run Triton here: {_triton.why_not_triton(args.device)}", file=sys.stderr)
+    if not support.triton_usable(args.device):
+        print(f"bench/kernels.py: cannot run Triton here: {support.why_not_triton(args.device)}", file=sys.stderr)
         return 2
     dev = args.device
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32

@@ -21,8 +21,8 @@ def eval_data() -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Mixtral (the real 32,000-token vocabulary) saved as a Hugging Face directory."""
     torch = pytest.importorskip("torch")
+    from moecpt.model import MixtralForCausalLM
     from moecpt.model.config import MixtralConfig
-    from moecpt.model.mixtral import MixtralForCausalLM
 
     torch.manual_seed(0)
     model = MixtralForCausalLM(MixtralConfig.from_preset("tiny"))
