@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moecpt.errors import UserError
-from moecpt.kernels import support as _triton
+from moecpt.kernels import support
 from moecpt.train.setup import use_triton
 from moecpt.train.trainer import Trainer, train
 
@@ -18,7 +18,7 @@ def test_auto_uses_triton_only_on_a_gpu(tiny_config):
     cfg = tiny_config()
     assert cfg.kernels.triton == "auto"
     assert use_triton(cfg, torch.device("cpu")) is False
-    assert use_triton(cfg, torch.device("cuda")) is _triton.triton_installed()
+    assert use_triton(cfg, torch.device("cuda")) is support.triton_installed()
     assert use_triton(tiny_config("--kernels.triton=off"), torch.device("cuda")) is False
 
 
