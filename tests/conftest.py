@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the real data lives, and deterministic torch settings."""
+"""Shared test fixtures: where the real data lives (tests/corpora.py), and deterministic torch settings."""
 
 from __future__ import annotations
 
@@ -14,15 +14,22 @@ import pytest
 if not os.environ.get("MOECPT_TEST_TRITON_NATIVE"):
     os.environ["TRITON_INTERPRET"] = "1"
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from .corpora import HAVE_SHARED, SHARED_DATA, tiny_text
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
+    """../shared/data, for tests that need its specific files; tests that need real text but no particular
+    file use tests/corpora.py (or `tiny_corpora`), which stands in moecpt's built-in corpora without it."""
+    if not HAVE_SHARED:
         pytest.skip(f"the shared corpora are not at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_corpora() -> dict[str, list[str]]:
+    """The tiny training config's two small corpora (ja, en): shared files, or their built-in stand-ins."""
+    return tiny_text()
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ..corpora import corpus_file
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
@@ -39,7 +41,7 @@ def test_step_breakdown_accounts_for_the_step(tmp_path):
     assert "Name" in (tmp_path / "prof" / "top_ops.txt").read_text()
 
 
-def test_bf16_run_tracks_the_fp32_run(shared_data, tmp_path):
+def test_bf16_run_tracks_the_fp32_run(tmp_path):
     """The check itself on a small model: both runs see the same batches, and their windowed losses agree."""
     data = tmp_path / "corpus"
     script = REPO / "scripts" / "check_bf16.py"
@@ -51,7 +53,7 @@ def test_bf16_run_tracks_the_fp32_run(shared_data, tmp_path):
     for files in CORPORA.values():
         for f in files:
             (data / f).parent.mkdir(parents=True, exist_ok=True)
-            with open(shared_data / "corpus" / f, encoding="utf-8") as src:
+            with open(corpus_file(f), encoding="utf-8") as src:
                 (data / f).write_text("".join(itertools.islice(src, 60)), encoding="utf-8")
     cmd = [sys.executable, str(script), "--data", str(data), "--preset", "tiny", "--layers", "1",
            "--steps", "12", "--batch", "4", "--seq-len", "32", "--window", "4", "--skip", "4",

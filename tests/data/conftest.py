@@ -1,4 +1,5 @@
-"""Fixtures for the data pipeline tests: the shared corpora, tokenized once per session."""
+"""Fixtures for the data pipeline tests: the shared corpora (or, without ../shared/data, moecpt's built-in
+corpora laid out the same way: tests/corpora.py), tokenized once per session."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 from moecpt.data.preprocess import tokenize_corpus
 from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-CORPUS = DATA / "corpus"
+from ..corpora import DATA, HAVE_SHARED, SHARED_DATA, data_root
+
+CORPUS = DATA / "corpus"  # ../shared/data/corpus or its stand-in (filled by `data_root()`)
 
 # The Swallow-MX mixture: Japanese : English : math+code.
 GROUPS = {
@@ -22,14 +24,16 @@ SWALLOW_MX = {"ja": 0.644, "en": 0.256, "code": 0.1}
 
 
 def require_data() -> Path:
-    if not CORPUS.is_dir():
-        pytest.skip(f"shared corpora not found at {DATA} (tests read ../shared/data beside the repo)")
-    return DATA
+    """../shared/data, for a test that needs one of its specific files (not just real text)."""
+    if not HAVE_SHARED:
+        pytest.skip(f"shared corpora not found at {SHARED_DATA} (tests read ../shared/data beside the repo)")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    return require_data()
+    """../shared/data, or the directory of built-in corpora that stands in for it."""
+    return data_root()
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +44,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def shards(data_dir: Path, tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Shard prefixes of the ja / en / code groups of the shared corpora."""
+    """Shard prefixes of the ja / en / code groups of the corpora."""
     out = tmp_path_factory.mktemp("shards")
     prefixes = {}
     for name, inputs in GROUPS.items():
@@ -51,5 +55,5 @@ def shards(data_dir: Path, tokenizer: Tokenizer, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="session")
 def swallow_mixture(shards: dict[str, str]) -> str:
-    """The Megatron-style mixture string over the shared corpora."""
+    """The Megatron-style mixture string over the corpora."""
     return " ".join(f"{w} {name}={shards[name]}" for name, w in SWALLOW_MX.items())

@@ -14,7 +14,8 @@ from moecpt.data.indexed import IndexedShard, file_sha256, shard_exists
 from moecpt.data.preprocess import cached_shard, tokenize_corpus
 from moecpt.errors import UserError
 
-from .conftest import CORPUS, DATA, require_data
+from ..corpora import corpus_file
+from .conftest import DATA, require_data
 
 
 def _jsonl(path, records, encoding="utf-8"):
@@ -33,8 +34,7 @@ def _jsonl(path, records, encoding="utf-8"):
     ],
 )
 def test_round_trip_text_shard_tokens_text(tokenizer, tmp_path, name):
-    require_data()
-    src = CORPUS / f"{name}.jsonl"
+    src = corpus_file(f"{name}.jsonl")
     texts = [json.loads(line)["text"] for line in src.open(encoding="utf-8")]
     report = tokenize_corpus([src], tmp_path / "s", progress=False)
     shard = IndexedShard(tmp_path / "s")
@@ -48,8 +48,7 @@ def test_round_trip_text_shard_tokens_text(tokenizer, tmp_path, name):
 
 
 def test_sidecar_records_tokenizer_sources_and_counts(tokenizer, tmp_path):
-    require_data()
-    srcs = [CORPUS / "en/wikipedia_ai.jsonl", CORPUS / "ja/wikipedia_ai.jsonl"]
+    srcs = [corpus_file("en/wikipedia_ai.jsonl", docs=1), corpus_file("ja/wikipedia_ai.jsonl", docs=1)]
     tokenize_corpus(srcs, tmp_path / "s", progress=False)
     meta = json.loads((tmp_path / "s.meta.json").read_text())
     assert meta["tokenizer"]["sha256"] == tokenizer.fingerprint
@@ -60,8 +59,7 @@ def test_sidecar_records_tokenizer_sources_and_counts(tokenizer, tmp_path):
 
 
 def test_workers_and_compression_do_not_change_the_shard(tmp_path):
-    require_data()
-    src = CORPUS / "ja/aozora_neko.jsonl"
+    src = corpus_file("ja/aozora_neko.jsonl")
     tokenize_corpus([src], tmp_path / "one", progress=False)
     gz = tmp_path / "neko.jsonl.gz"
     gz.write_bytes(gzip.compress(src.read_bytes()))

@@ -10,7 +10,7 @@ import pytest
 from moecpt.data.tokenizer import load_tokenizer
 from moecpt.errors import UserError
 
-from .conftest import CORPUS, require_data
+from ..corpora import corpus_files
 
 MIXTRAL_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
@@ -31,8 +31,7 @@ def test_encode_adds_no_special_tokens_and_decodes_back(tokenizer):
 
 
 def test_round_trip_on_every_shared_corpus_file(tokenizer):
-    require_data()
-    for path in sorted(CORPUS.glob("*/*.jsonl")):
+    for path in corpus_files():
         texts = [json.loads(line)["text"] for line in path.open(encoding="utf-8")][:50]
         for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
             assert tokenizer.decode(ids) == text, path
