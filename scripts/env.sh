@@ -33,8 +33,10 @@ _moecpt_make_venv() {
     fi
     # shellcheck disable=SC2086  # $inherit is one flag or nothing
     if command -v uv >/dev/null 2>&1; then
+        # uv's own installer ignores the inherited packages (it would fetch a second torch): with them, .venv
+        # gets pip (--seed) and pip installs
         _moecpt_say "creating $MOECPT_VENV with uv and $py${inherit:+ ($inherit: keeps its torch)}"
-        uv venv -q --python "$py" $inherit "$MOECPT_VENV" && made=1
+        uv venv -q --python "$py" ${inherit:+--seed $inherit} "$MOECPT_VENV" && made=1
     else
         _moecpt_say "creating $MOECPT_VENV with $py -m venv${inherit:+ ($inherit: keeps its torch)}"
         "$py" -m venv $inherit "$MOECPT_VENV" && made=1
@@ -46,7 +48,7 @@ _moecpt_make_venv() {
     fi
 }
 
-_moecpt_pip() {  # pip inside .venv (uv's pip when .venv was made by uv)
+_moecpt_pip() {  # pip inside .venv (uv's when .venv was made by uv without pip)
     if [ -x "$MOECPT_VENV/bin/pip" ] || ! command -v uv >/dev/null 2>&1; then
         "$MOECPT_VENV/bin/python" -m pip "$@"
     else
