@@ -21,7 +21,10 @@ DEFAULT_TOKENIZER = "mistral_common/data/tokenizer.model.v1"
 
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "[BOS]")
-_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+_PAD_NAMES = ("<pad>", "<|pad|>", "<|padding|>", "[PAD]")
+# End-of-turn tokens that chat models' tokenizer_config.json names as eos_token. A document ends with the
+# end-of-text token of pretraining instead (Qwen3: <|endoftext|>, not <|im_end|>), when the vocabulary has one.
+_TURN_END_NAMES = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|return|>")
 
 
 def default_tokenizer_path() -> Path:
@@ -43,8 +46,10 @@ def default_tokenizer_path() -> Path:
 class Tokenizer:
     """A loaded tokenizer. Use `load_tokenizer` to make one.
 
-    Attributes: `bos_id` (None if the vocabulary has none), `eos_id`, `pad_id` (or None), `vocab_size`,
-    `fingerprint` (sha256 of the tokenizer file, so a change of tokenizer is detectable), `path`.
+    Attributes: `bos_id` (None if the tokenizer has none: Qwen, OLMoE), `eos_id` (the token that ends a
+    document), `pad_id` (or None), `vocab_size` (the number of token ids the tokenizer can produce: its largest
+    id + 1, added tokens included; a model may have more embedding rows), `fingerprint` (sha256 of the
+    tokenizer file, so a change of tokenizer is detectable), `path`.
     """
 
     bos_id: int | None
@@ -67,6 +72,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+    def byte_length(self, ids) -> int:
+        """UTF-8 bytes of the text that `ids` stand for; special tokens (BOS, EOS, pad) count zero."""
+        return len(self.decode(list(ids)).encode("utf-8"))
 
     def pieces(self, text: str) -> list[str]:
         """The token strings of `text` (no BOS/EOS), as Hugging Face's `tokenizer.tokenize` gives them: for
@@ -115,8 +124,10 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` (read with the `tokenizers` library, not `transformers`).
 
-    Special tokens come from a `tokenizer_config.json` beside it when present, else from the usual names
-    (`</s>`, `<|endoftext|>`, ...).
+    Special tokens come from a `tokenizer_config.json` beside it when present (`"bos_token": null` there means
+    no BOS), else from the usual names among the file's special added tokens (`</s>`, `<|endoftext|>`, ...).
+    A chat end-of-turn eos_token (`<|im_end|>`) gives way to the vocabulary's end-of-text token, which is what
+    separated documents in pretraining.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -131,11 +142,16 @@ class HFTokenizer(Tokenizer):
             self._tok = _Tok.from_file(self.path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise UserError(f"{path}: not a readable Hugging Face tokenizer.json ({e})") from e
-        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-        config = _special_tokens_from_config(Path(path).parent / "tokenizer_config.json")
-        self.bos_id = self._find(config.get("bos_token"), _BOS_NAMES)
-        self.pad_id = self._find(config.get("pad_token"), _PAD_NAMES)
-        eos = self._find(config.get("eos_token"), _EOS_NAMES)
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self._added = self._tok.get_added_tokens_decoder()
+        self._byte_table: np.ndarray | None = None
+        self._byte_table_known = False
+        config = special_tokens_from_config(Path(path).parent / "tokenizer_config.json")
+        self.bos_id = self._find(config, "bos_token", _BOS_NAMES)
+        self.pad_id = self._find(config, "pad_token", _PAD_NAMES)
+        eos = self._find(config, "eos_token", _EOS_NAMES)
+        if config.get("eos_token") in _TURN_END_NAMES:
+            eos = self._find({}, "eos_token", _EOS_NAMES) or eos
         if eos is None:
             raise UserError(
                 f"{path}: no end-of-sequence token found (looked for eos_token in tokenizer_config.json and for "
@@ -144,12 +160,17 @@ class HFTokenizer(Tokenizer):
         self.eos_id = eos
         self.fingerprint = file_sha256(self.path)
 
-    def _find(self, configured: str | None, names: tuple[str, ...]) -> int | None:
-        for name in (configured,) if configured else names:
-            i = self._tok.token_to_id(name)
-            if i is not None:
-                return int(i)
-        return None
+    def _find(self, config: dict[str, str | None], key: str, names: tuple[str, ...]) -> int | None:
+        """The id of the token `config` names under `key` (None when it says null), else of the first of
+        `names` that is a special added token of the file, else of the first in the vocabulary at all."""
+        if key in config:
+            i = self._tok.token_to_id(config[key]) if config[key] else None
+            return None if i is None else int(i)
+        special = {t.content: i for i, t in self._added.items() if t.special}
+        found = next((special[n] for n in names if n in special), None)
+        if found is None:
+            found = next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
+        return None if found is None else int(found)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
@@ -157,24 +178,65 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def byte_length(self, ids) -> int:
+        """Exact for byte-level BPE (Qwen, OLMoE, DeepSeek: each token is a fixed byte string, so a token
+        cut out of a multi-byte character counts its own bytes); else the text decoded without special tokens."""
+        table = self.byte_table()
+        if table is None:
+            text = self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+            return len(text.encode("utf-8"))
+        return int(table[np.asarray(ids, dtype=np.int64)].sum())
+
+    def byte_table(self) -> np.ndarray | None:
+        """Bytes of each token id (special tokens 0) for a byte-level tokenizer, else None."""
+        if not self._byte_table_known:
+            self._byte_table = byte_level_table(self._tok, self.vocab_size)
+            self._byte_table_known = True
+        return self._byte_table
+
     def pieces(self, text: str) -> list[str]:
         return list(self._tok.encode(text, add_special_tokens=False).tokens)
 
 
-def _special_tokens_from_config(path: Path) -> dict[str, str]:
+def byte_level_table(tok, vocab_size: int) -> np.ndarray | None:
+    """Bytes of each id of the `tokenizers.Tokenizer` `tok` when it is byte-level (its decoder is ByteLevel and
+    every vocabulary entry is spelled in the byte alphabet); special added tokens count 0, other added tokens
+    the UTF-8 bytes of their text. None for any other tokenizer."""
+    if type(tok.decoder).__name__ != "ByteLevel":
+        return None
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = set(ByteLevel.alphabet())
+    added = tok.get_added_tokens_decoder()
+    table = np.zeros(vocab_size, dtype=np.int64)
+    for token, i in tok.get_vocab(with_added_tokens=False).items():
+        if i in added:
+            continue
+        if not set(token) <= alphabet:
+            return None
+        table[i] = len(token)  # one character of the byte alphabet per byte
+    for i, t in added.items():
+        table[i] = 0 if t.special else len(t.content.encode("utf-8"))
+    return table
+
+
+def special_tokens_from_config(path: Path) -> dict[str, str | None]:
+    """bos_token / eos_token / pad_token of a `tokenizer_config.json` (a key set to null maps to None; a key
+    absent is absent); {} when there is no such file."""
     if not path.is_file():
         return {}
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-    out = {}
+    out: dict[str, str | None] = {}
     for key in ("bos_token", "eos_token", "pad_token"):
-        value = cfg.get(key)
+        if key not in cfg:
+            continue
+        value = cfg[key]
         if isinstance(value, dict):  # {"content": "</s>", ...} in older configs
             value = value.get("content")
-        if isinstance(value, str):
-            out[key] = value
+        out[key] = value if isinstance(value, str) else None
     return out
 
 

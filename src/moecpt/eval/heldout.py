@@ -1,10 +1,14 @@
 """Held-out loss in bits per byte: comparable across tokenizers, and the direct measure of what continual
 pre-training gains in the new language and costs in the old one.
 
-bits/byte = (sum over documents of the next-token cross-entropy, in nats) / ln 2 / (UTF-8 bytes of the text).
-Each document is `BOS + tokens`; every token after BOS is predicted once. A document longer than the context
-is cut into windows of `max_length` tokens that overlap by one token, so each window predicts fresh tokens
-from what it holds (no context carried across windows).
+bits/byte = (sum over documents of the next-token cross-entropy of the predicted tokens, in nats) / ln 2
+            / (UTF-8 bytes of the text those tokens stand for).
+With a BOS (Mixtral, DeepSeek-V3) a document is `BOS + tokens`: every token after BOS is predicted once and
+the bytes are all of the document's text. Without one (Qwen, OLMoE) a document is `tokens`: its first token
+has no context and is not predicted, so its bytes are not counted either (the bytes are the text's minus those
+of the first token; for byte-level BPE that token may be a single byte of a multi-byte character). A document
+longer than the context is cut into windows of `max_length` tokens that overlap by one token, so each window
+predicts fresh tokens from what it holds (no context carried across windows).
 """
 
 from __future__ import annotations
@@ -52,18 +56,26 @@ def windows(ids: list[int], max_length: int) -> list[list[int]]:
     return [ids[s:s + max_length] for s in range(0, len(ids) - 1, step)]
 
 
+def document_windows(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int, int]:
+    """The windows of `texts` to score, the number of tokens they predict and the UTF-8 bytes those stand
+    for (see the module docstring: without BOS the first token of each document and its bytes are left out)."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    pieces: list[list[int]] = []
+    n_tokens = n_bytes = 0
+    for text in texts:
+        ids = bos + tokenizer.encode(text)
+        n_tokens += max(len(ids) - 1, 0)
+        n_bytes += len(text.encode("utf-8")) - (tokenizer.byte_length(ids[:1]) if not bos else 0)
+        pieces += [w for w in windows(ids, max_length) if len(w) > 1]
+    return pieces, n_tokens, n_bytes
+
+
 def heldout_bits_per_byte(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 4) -> dict[str, Any]:
     """Summed next-token loss over `texts` through the model's own loss (no [tokens, vocab] logits), in bits
     per UTF-8 byte, with the counts behind it."""
     import torch
 
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    pieces = []
-    n_tokens = 0
-    for text in texts:
-        ids = bos + tokenizer.encode(text)
-        n_tokens += len(ids) - 1
-        pieces += [w for w in windows(ids, max_length) if len(w) > 1]
+    pieces, n_tokens, n_bytes = document_windows(tokenizer, texts, max_length)
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -80,7 +92,6 @@ def heldout_bits_per_byte(model, tokenizer, texts: list[str], max_length: int, b
             out = model(ids.to(device), attention_mask=mask.to(device), targets=targets.to(device))
             total += out.token_loss.sum().double()
     nats = total.item()
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"bits_per_byte": bits_per_byte(nats, n_bytes), "nats_per_token": nats / max(n_tokens, 1),
             "docs": len(texts), "tokens": n_tokens, "bytes": n_bytes}
 

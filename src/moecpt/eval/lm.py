@@ -72,7 +72,7 @@ def load_eval_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
 
         ckpt = find_checkpoint(model_dir)
         used = read_trainer_state(ckpt).get("tokenizer") if ckpt is not None else None
-        if used and Path(used).is_file():
+        if used and Path(used).exists():  # the tokenizer file, or a directory holding one
             return load_tokenizer(used)
     return load_tokenizer(None)
 

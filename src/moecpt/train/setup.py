@@ -117,6 +117,31 @@ def prepare_data(cfg: TrainConfig, rt: Runtime) -> tuple[Tokenizer, MixtureDatas
     return tokenizer, dataset
 
 
+def check_token_ids(tokenizer: Tokenizer, dataset: MixtureDataset, vocab_size: int) -> None:
+    """Refuse, before training, token ids the model has no embedding row for: the tokenizer's (ids up to
+    `tokenizer.vocab_size - 1`) and each shard's. More rows than the tokenizer has ids is normal (Qwen3: 151,936
+    rows for 151,669 ids). A shard whose sidecar records a tokenizer of at most `vocab_size` ids is within
+    bounds by construction; any other shard has its largest id read."""
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer {tokenizer.path} has token ids up to {tokenizer.vocab_size - 1} but the model "
+                        f"has {vocab_size} embedding rows (model vocab_size); use the model's own tokenizer "
+                        "(data.tokenizer) or a model whose vocab_size is at least the tokenizer's")
+    for corpus in dataset.corpora:
+        for shard in corpus.shards:
+            recorded = shard.meta.get("tokenizer", {})
+            if recorded.get("vocab_size") is not None and recorded["vocab_size"] <= vocab_size:
+                continue
+            chunk = 1 << 26
+            top = max((int(shard.tokens[i:i + chunk].max()) for i in range(0, shard.num_tokens, chunk)), default=-1)
+            if top >= vocab_size:
+                made_with = f" (tokenized with {recorded['path']})" if recorded.get("path") else ""
+                raise UserError(
+                    f"corpus {corpus.name!r}: shard {shard.prefix}{made_with} holds token id {top}, but the model "
+                    f"has {vocab_size} embedding rows (ids 0..{vocab_size - 1}). Re-tokenize it with the model's "
+                    "tokenizer (moecpt data tokenize --tokenizer DIR, or set data.tokenizer for JSON Lines "
+                    "sources), or use a model whose vocab_size exceeds the largest id")
+
+
 # The fields that change a model's parameters (the others, such as loss coefficients, may change between runs).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings")

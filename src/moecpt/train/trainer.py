@@ -49,6 +49,7 @@ from moecpt.train.setup import (
     SHAPE_FIELDS,
     Runtime,
     build_training_model,
+    check_token_ids,
     model_config,
     prepare_data,
     setup_runtime,
@@ -94,9 +95,7 @@ class Trainer:
         rt = setup_runtime(cfg)
         tokenizer, dataset = prepare_data(cfg, rt)
         config = model_config(cfg)
-        if config.vocab_size < tokenizer.vocab_size:
-            raise UserError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
-                            f"{config.vocab_size}")
+        check_token_ids(tokenizer, dataset, config.vocab_size)
         target = ckpt_lib.Checkpointer(Path(cfg.run_dir), cfg.checkpoint).resume_target(cfg.resume)
         scratch = target is None and not cfg.init_from
         model = build_training_model(cfg, rt, config, seed=cfg.training.seed if scratch else None)

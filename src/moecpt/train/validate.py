@@ -54,10 +54,11 @@ class Validator:
         self._bytes: dict[tuple[int, int], int] = {}
 
     def window_bytes(self, corpus: int, index: int, tokens: np.ndarray) -> int:
-        """UTF-8 bytes of the text a window predicts (cached: the windows never change)."""
+        """UTF-8 bytes of the text of the tokens a window predicts (all but its first; EOS and the other special
+        tokens count zero bytes), cached: the windows never change."""
         key = (corpus, index)
         if key not in self._bytes:
-            self._bytes[key] = len(self.tokenizer.decode(tokens[1:].tolist()).encode("utf-8"))
+            self._bytes[key] = self.tokenizer.byte_length(tokens[1:].tolist())
         return self._bytes[key]
 
     @torch.no_grad()
