@@ -52,7 +52,7 @@ def piece_timers(trainer: Trainer, batch: int, seq: int) -> dict[str, Any]:
     # The experts' own inputs: the block's routed rows, sorted by expert, with its offsets.
     with torch.no_grad(), torch.autocast(**amp):
         x_TH = layer.post_attention_layernorm(x).reshape(-1, H)
-        _, _, experts_TK = layer.moe.route(x_TH)
+        _, _, _, experts_TK = layer.moe.gate(x_TH)
         flat = experts_TK.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=c.num_local_experts)

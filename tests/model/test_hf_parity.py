@@ -20,14 +20,14 @@ TOL = 1e-5
 def _capture_routing(monkeypatch) -> list[torch.Tensor]:
     """Record the top-k expert indices every moecpt MoE layer chooses."""
     seen: list[torch.Tensor] = []
-    original = moe_module.SparseMoeBlock.route
+    original = moe_module.Router.forward
 
     def route(self, x):
-        logits, weights, experts = original(self, x)
+        logits, scores, weights, experts = original(self, x)
         seen.append(experts.detach().clone())
-        return logits, weights, experts
+        return logits, scores, weights, experts
 
-    monkeypatch.setattr(moe_module.SparseMoeBlock, "route", route)
+    monkeypatch.setattr(moe_module.Router, "forward", route)
     return seen
 
 

@@ -146,11 +146,11 @@ def test_grouped_mm_matches_a_loop_with_empty_groups_and_gradients(dtype):
 def test_experts_without_tokens_keep_the_step_valid():
     model = tiny()
     for layer in model.layers:  # a router that sends every token to experts 0 and 1
-        def forced(x, original=layer.moe.route):
-            logits, weights, _ = original(x)
-            return logits, weights, torch.tensor([0, 1]).expand(x.shape[0], 2)
+        def forced(x, original=layer.moe.gate.forward):
+            logits, scores, weights, _ = original(x)
+            return logits, scores, weights, torch.tensor([0, 1]).expand(x.shape[0], 2)
 
-        layer.moe.route = forced
+        layer.moe.gate.forward = forced
     ids = torch.randint(0, 96, (2, 8))
     out = model(ids, labels=ids)
     out.loss.backward()
@@ -164,14 +164,14 @@ def test_training_step_in_bf16_autocast_keeps_router_in_fp32():
     model = tiny().train()
     ids = torch.randint(0, 96, (2, 8))
     seen = {}
-    original = model.layers[0].moe.route
+    original = model.layers[0].moe.gate.forward
 
     def spy(x):
-        logits, w, e = original(x)
+        logits, scores, w, e = original(x)
         seen["dtype"] = logits.dtype
-        return logits, w, e
+        return logits, scores, w, e
 
-    model.layers[0].moe.route = spy
+    model.layers[0].moe.gate.forward = spy
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, labels=ids)
     out.loss.backward()

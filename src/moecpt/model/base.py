@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from moecpt.config import IGNORE_INDEX
 from moecpt.kernels.support import triton_usable
 from moecpt.model import hf
-from moecpt.model.layers import Attention, KVCache, RMSNorm
-from moecpt.model.loss import LMLoss, LossOutput, shift_labels
+from moecpt.model.layers import Attention, KVCache, RMSNorm, rope_cos_sin, sdpa_mask
+from moecpt.model.loss import LMLoss, LossOutput, expert_counts, shift_labels
 from moecpt.model.moe import Experts, RouterStats, SparseMoeBlock
 
 
@@ -35,8 +35,8 @@ class CausalLMOutput:
 
 
 class CausalLM(nn.Module):
-    """A decoder with an LM head. Subclasses set `config`, `embed_tokens`, `norm`, `lm_head` and `loss_fn`
-    and implement `trunk` and `init_rule`."""
+    """A decoder with an LM head. A family's subclass builds its decoder layers and calls `setup`; it may
+    override `init_rule` and `rope`."""
 
     config: Any
     loss_fn: LMLoss
@@ -47,11 +47,50 @@ class CausalLM(nn.Module):
               ) -> tuple[torch.Tensor, list[RouterStats]]:
         """Final-norm hidden states [B, T, H] and each MoE layer's router statistics (over `token_mask`'s
         tokens: True = real; None = all)."""
-        raise NotImplementedError
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope(position_ids)
+        masks: dict[int | None, torch.Tensor | None] = {}  # one mask per attention window in use
+        x = self.embed_tokens(input_ids)
+        stats = []
+        for layer in self.layers:
+            window = layer.self_attn.window
+            if window not in masks:
+                masks[window] = sdpa_mask(input_ids, attention_mask, position_ids, intra_doc_attention, past, window)
+            x, s = layer(x, cos, sin, masks[window], token_mask, cache)
+            if s is not None:
+                stats.append(s)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x), stats
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables of the positions (families with another RoPE override this)."""
+        return rope_cos_sin(position_ids, self.config.attn_head_dim, self.config.rope_theta)
+
+    def setup(self, config, layers: list[nn.Module]) -> None:
+        """The parts every family has around its layers: embeddings, final norm, LM head (tied or not), the
+        loss, and the initialisation when the model is not built on the meta device."""
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.loss_fn = LMLoss(config.n_experts, config.router_aux_loss_coef, config.router_z_loss_coef,
+                              config.router_balance_scope)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
 
     def init_rule(self, name: str) -> str:
-        """How parameter `name` starts: "ones" or "normal" (normal(0, initializer_range))."""
-        raise NotImplementedError
+        """How parameter `name` starts: "ones" (norms), "zeros" (biases) or "normal" (normal(0,
+        initializer_range), as transformers initialises every matrix)."""
+        if name.endswith("norm.weight"):
+            return "ones"
+        return "zeros" if name.endswith(".bias") else "normal"
 
     # ---- the call -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -117,15 +156,25 @@ class CausalLM(nn.Module):
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             full = torch.empty(p.shape, dtype=torch.float32)
-            if self.init_rule(name) == "ones":
-                full.fill_(1.0)
-            else:
+            rule = self.init_rule(name)
+            if rule == "normal":
                 full.normal_(0.0, std, generator=generator)
+            else:
+                full.fill_(1.0 if rule == "ones" else 0.0)
             if isinstance(p, DTensor):
                 local, full = p.to_local(), _local_slice(p, full)
             else:
                 local = p
             local.copy_(full)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Router selection biases start at zero (they are state, not parameters: always set after a build
+        on the meta device, whether or not weights are loaded next)."""
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
 
     def num_params(self, active: bool = False) -> int:
         """Parameters counted once (tied ones too); `active`: only those a token uses (top-k of E experts)."""
@@ -194,11 +243,6 @@ class CausalLM(nn.Module):
         """Write a Hugging Face directory (the hub layout, safetensors) that transformers loads unchanged."""
         tensors = self.adapter_cls(self.config).to_hf(self.state_dict())
         hf.save_pretrained(tensors, self.config, out_dir, max_shard_size=max_shard_size, dtype=dtype)
-
-
-def expert_counts(stats: list[RouterStats]) -> torch.Tensor:
-    """[L, E] tokens routed to each expert of each MoE layer."""
-    return torch.stack([s.tokens_per_expert for s in stats])
 
 
 def _pick(logits_BV: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,

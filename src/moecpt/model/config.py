@@ -1,19 +1,52 @@
-"""Model configuration: the Hugging Face Mixtral fields, plus named presets.
+"""Model configuration: the moecpt training settings every family shares, and the Mixtral config (the
+Hugging Face Mixtral fields, plus named presets).
 
-Field names follow `transformers.MixtralConfig` so that a `config.json` maps onto this dataclass one to one.
+Field names follow the family's transformers config so that a `config.json` maps onto the dataclass one to
+one. Every family config also answers `n_experts`, `top_k` and `expert_ffn`, the names generic code uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from moecpt.errors import UserError
 
+BALANCE_SCOPES = ("micro_batch", "sequence", "global")
+
 
 @dataclass(frozen=True)
-class MixtralConfig:
+class RouterTraining:
+    """How a model's routers are trained: moecpt settings, not Hugging Face config fields (never exported).
+
+    - `router_z_loss_coef`: ST-MoE router z-loss coefficient;
+    - `router_balance_scope`: the tokens the load-balancing loss pools: "micro_batch" (transformers, Megatron),
+      "sequence", or "global" (expert fractions summed over data-parallel ranks, as Qwen3 was trained);
+    - `router_bias_update_rate`: > 0 turns on aux-loss-free balancing (a per-expert selection bias moved by
+      this much per step toward the under-loaded experts, DeepSeek-V3's rule).
+    """
+
+    router_z_loss_coef: float = 0.0
+    router_balance_scope: str = "micro_batch"
+    router_bias_update_rate: float = 0.0
+
+    def router_problems(self) -> list[str]:
+        problems = []
+        if self.router_balance_scope not in BALANCE_SCOPES:
+            problems.append(f"router_balance_scope {self.router_balance_scope!r}: choose one of "
+                            f"{', '.join(BALANCE_SCOPES)}")
+        if self.router_bias_update_rate < 0 or self.router_z_loss_coef < 0:
+            problems.append("router_bias_update_rate and router_z_loss_coef must be >= 0")
+        return problems
+
+
+MOECPT_FIELDS = tuple(f.name for f in dataclasses.fields(RouterTraining))
+
+
+@dataclass(frozen=True)
+class MixtralConfig(RouterTraining):
+    model_type: ClassVar[str] = "mixtral"
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 14336  # per expert
@@ -28,7 +61,6 @@ class MixtralConfig:
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
     router_aux_loss_coef: float = 0.02  # Mixtral's published value
-    router_z_loss_coef: float = 0.0  # moecpt extra (ST-MoE z-loss); not a transformers field
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
@@ -53,12 +85,25 @@ class MixtralConfig:
                             f"({self.num_local_experts})")
         if self.hidden_act != "silu":
             problems.append(f"hidden_act {self.hidden_act!r} is not supported (Mixtral uses 'silu')")
+        problems += self.router_problems()
         if problems:
             raise UserError("invalid model config: " + "; ".join(problems))
 
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def n_experts(self) -> int:
+        return self.num_local_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.intermediate_size
 
     # ---- presets -------------------------------------------------------------------------------------------
     @classmethod
@@ -96,7 +141,7 @@ class MixtralConfig:
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) reads as `MixtralForCausalLM`."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "router_z_loss_coef"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in MOECPT_FIELDS}
         d.update(
             architectures=["MixtralForCausalLM"],
             model_type="mixtral",

@@ -53,30 +53,79 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE through SDPA (no biases: the Mixtral layout)."""
+    """Grouped-query attention with RoPE through SDPA, with the options the families use:
+    - `qkv_bias` / `o_bias`: biases on the q, k, v and the output projections (Qwen2-MoE: qkv only);
+    - `qk_norm`: RMSNorm of queries and keys before RoPE, "head" (over each head's D, Qwen3) or "full"
+      (over the whole projection, OLMoE);
+    - `clip_qkv`: clamp q, k and v to [-c, c] after the norms (OLMoE);
+    - `window`: sliding-window attention over that many positions (None: full causal)."""
 
-    def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int, layer: int):
+    def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int, layer: int, qkv_bias: bool = False,
+                 o_bias: bool = False, qk_norm: str | None = None, norm_eps: float = 1e-6,
+                 clip_qkv: float | None = None, window: int | None = None):
         super().__init__()
-        self.layer = layer
+        self.layer, self.window, self.clip_qkv, self.qk_norm = layer, window, clip_qkv, qk_norm
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
-        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        if qk_norm is not None:
+            if qk_norm not in ("head", "full"):
+                raise ValueError(f"qk_norm {qk_norm!r}: choose head, full or None")
+            self.q_norm = RMSNorm(head_dim if qk_norm == "head" else n_heads * head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim if qk_norm == "head" else n_kv * head_dim, norm_eps)
         self.fused_rope = False  # set once by CausalLM.use_kernels
+
+    def project(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, heads, D], k and v [B, T, kv heads, D], normed and clipped, before RoPE."""
+        B, T, _ = x_BTH.shape
+        q, k, v = self.q_proj(x_BTH), self.k_proj(x_BTH), self.v_proj(x_BTH)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        return q, k, v.view(B, T, self.n_kv, self.head_dim)
 
     def forward(self, x_BTH, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x_BTH.shape
+        q, k, v = self.project(x_BTH)
         # RoPE in the projections' [B, T, heads, D] layout, then [B, heads, T, D] for SDPA.
-        q = apply_rope(self.q_proj(x_BTH).view(B, T, self.n_heads, self.head_dim), cos, sin, self.fused_rope)
-        k = apply_rope(self.k_proj(x_BTH).view(B, T, self.n_kv, self.head_dim), cos, sin, self.fused_rope)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x_BTH).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin, self.fused_rope).transpose(1, 2)
+        k = apply_rope(k, cos, sin, self.fused_rope).transpose(1, 2)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    """x + attention(norm(x)), then + feed-forward(norm(x)): a sparse MoE block (`moe`, with router
+    statistics) or a dense MLP (`mlp`, the dense layers among MoE ones)."""
+
+    def __init__(self, hidden: int, eps: float, attention: Attention, ffn: nn.Module, sparse: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = attention
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        if sparse:
+            self.moe = ffn
+        else:
+            self.mlp = ffn
+
+    def forward(self, x, cos, sin, mask, token_mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        if hasattr(self, "moe"):
+            out, stats = self.moe(h, token_mask)
+            return x + out, stats
+        return x + self.mlp(h), None
 
 
 def sdpa_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,

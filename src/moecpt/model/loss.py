@@ -13,9 +13,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from moecpt.config import IGNORE_INDEX
 from moecpt.kernels.cross_entropy import linear_cross_entropy
+from moecpt.model.config import BALANCE_SCOPES
 from moecpt.model.moe import RouterStats
 
 
@@ -49,32 +51,51 @@ class LossOutput:
         return self.objective(1.0 / self.num_targets)
 
 
-def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
-    """The Switch/Mixtral auxiliary loss exactly as transformers computes it: assignment fractions and mean
-    router probabilities pooled over all layers' tokens, then E * sum_e f_e * P_e (before the coefficient)."""
-    tokens_E = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
-    probs_E = torch.stack([s.prob_sum for s in stats]).sum(0)
-    rows = torch.stack([s.num_tokens for s in stats]).sum().clamp_min(1.0)
-    return num_experts * torch.sum((tokens_E / rows) * (probs_E / rows))
+def load_balancing_loss(stats: list[RouterStats], num_experts: int, scope: str = "micro_batch",
+                        group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The Switch/Mixtral auxiliary loss E * sum_e f_e * P_e (before the coefficient), with assignment
+    fractions f and mean router probabilities P pooled over all MoE layers' tokens, as transformers computes
+    it. `scope` says over which tokens f and P are taken:
+    - "micro_batch": this forward's tokens (transformers and Megatron);
+    - "sequence": each sequence alone, then the mean over sequences;
+    - "global": f from the expert counts summed over the ranks of `group` (the data-parallel ranks) before
+      the product, P from this forward's tokens (Qwen3's global-batch balancing); with `group` None, as
+      "micro_batch"."""
+    tokens_BE = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
+    probs_BE = torch.stack([s.prob_sum for s in stats]).sum(0)
+    rows_B = torch.stack([s.num_tokens for s in stats]).sum(0)
+    if scope == "sequence":
+        rows = rows_B.clamp_min(1.0)[:, None]
+        return num_experts * ((tokens_BE / rows) * (probs_BE / rows)).sum(-1).mean()
+    tokens_E, probs_E, rows = tokens_BE.sum(0), probs_BE.sum(0), rows_B.sum()
+    f_E = tokens_E / rows.clamp_min(1.0)
+    if scope == "global" and group is not None:
+        counts = torch.cat([tokens_E, rows[None]]).detach()
+        dist.all_reduce(counts, group=group)
+        f_E = counts[:-1] / counts[-1].clamp_min(1.0)
+    return num_experts * torch.sum(f_E * (probs_E / rows.clamp_min(1.0)))
 
 
 def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over real tokens and layers of logsumexp(router logits)^2."""
-    z = torch.stack([s.z_sum for s in stats]).sum()
-    return z / torch.stack([s.num_tokens for s in stats]).sum().clamp_min(1.0)
+    """ST-MoE router z-loss: mean over real tokens and MoE layers of logsumexp(router logits)^2."""
+    z = torch.stack([s.z_sum.sum() for s in stats]).sum()
+    return z / torch.stack([s.num_tokens.sum() for s in stats]).sum().clamp_min(1.0)
 
 
 class LMLoss:
     """Chunked LM head + cross-entropy + load-balancing + z-loss, configured once when the model is built."""
 
-    def __init__(self, num_experts: int, aux_coef: float, z_coef: float):
-        self.num_experts, self.aux_coef, self.z_coef = num_experts, aux_coef, z_coef
+    def __init__(self, num_experts: int, aux_coef: float, z_coef: float, scope: str = "micro_batch"):
+        if scope not in BALANCE_SCOPES:
+            raise ValueError(f"load-balancing scope {scope!r}: choose one of {', '.join(BALANCE_SCOPES)}")
+        self.num_experts, self.aux_coef, self.z_coef, self.scope = num_experts, aux_coef, z_coef, scope
+        self.group: dist.ProcessGroup | None = None  # the data-parallel ranks of the "global" scope (trainer)
         self.chunk_tokens: int | None = None  # tokens per chunk (None: the kernel's CHUNK_TOKENS)
         self.fused = False  # the Triton cross-entropy (set once by CausalLM.use_kernels)
 
     def router_losses(self, stats: list[RouterStats]) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balancing loss, z-loss), before their coefficients."""
-        return load_balancing_loss(stats, self.num_experts), router_z_loss(stats)
+        return load_balancing_loss(stats, self.num_experts, self.scope, self.group), router_z_loss(stats)
 
     def __call__(self, h_BTH: torch.Tensor, head_VH: torch.Tensor, targets_BT: torch.Tensor,
                  stats: list[RouterStats]) -> LossOutput:
@@ -83,7 +104,12 @@ class LMLoss:
                                           fused=self.fused)
         aux, z = self.router_losses(stats)
         return LossOutput(token_loss.view(targets_BT.shape), (targets_BT != IGNORE_INDEX).sum(), aux, z,
-                          torch.stack([s.tokens_per_expert for s in stats]), self.aux_coef, self.z_coef)
+                          expert_counts(stats), self.aux_coef, self.z_coef)
+
+
+def expert_counts(stats: list[RouterStats]) -> torch.Tensor:
+    """[MoE layers, E] tokens routed to each expert of each MoE layer."""
+    return torch.stack([s.tokens_per_expert.sum(0) for s in stats])
 
 
 def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:

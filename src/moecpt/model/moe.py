@@ -58,12 +58,63 @@ def grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offs_E: torch.Tensor) ->
 
 
 class RouterStats(NamedTuple):
-    """What the load-balancing and z losses need from one layer, counted over real (unmasked) tokens only."""
+    """What the balancing losses need from one MoE layer, per sequence, over real (unmasked) tokens only."""
 
-    tokens_per_expert: torch.Tensor  # [E] float32: top-k assignments per expert
-    prob_sum: torch.Tensor  # [E] float32: summed router probabilities per expert
-    num_tokens: torch.Tensor  # [] float32: real tokens routed
-    z_sum: torch.Tensor  # [] float32: summed logsumexp(router logits)^2
+    tokens_per_expert: torch.Tensor  # [B, E] float32: top-k assignments per expert
+    prob_sum: torch.Tensor  # [B, E] float32: summed router probabilities per expert
+    num_tokens: torch.Tensor  # [B] float32: real tokens routed
+    z_sum: torch.Tensor  # [B] float32: summed logsumexp(router logits)^2
+
+
+class Router(nn.Module):
+    """Scores the experts of each token and picks its top-k: the routing rule of a family as configuration.
+
+    - `scoring`: "softmax" over the experts, or an independent "sigmoid" per expert;
+    - selection: the top-k of the scores plus `e_score_correction_bias` when the module has that buffer
+      (aux-loss-free balancing: the bias only chooses, it never weights; see `update_router_bias`);
+    - weights: the selected scores, renormalised to sum to one when `norm_topk`, times `scale`.
+    Logits, scores and weights are fp32 whatever the autocast.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, scoring: str = "softmax", norm_topk: bool = True,
+                 bias: bool = False, scale: float = 1.0):
+        super().__init__()
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"router scoring {scoring!r}: choose softmax or sigmoid")
+        self.num_experts, self.top_k, self.scoring, self.norm_topk, self.scale = num_experts, top_k, scoring, norm_topk, scale
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        if bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+
+    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T, E], scores [T, E], weights [T, K], experts [T, K])."""
+        with torch.autocast(x_TH.device.type, enabled=False):
+            logits_TE = F.linear(x_TH.float(), self.weight.float())
+        scores_TE = logits_TE.softmax(dim=-1) if self.scoring == "softmax" else logits_TE.sigmoid()
+        bias = getattr(self, "e_score_correction_bias", None)
+        if bias is None:
+            weights_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
+        else:
+            experts_TK = (scores_TE + bias).topk(self.top_k, dim=-1).indices
+            weights_TK = scores_TE.gather(1, experts_TK)
+        if self.norm_topk:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.scale != 1.0:
+            weights_TK = weights_TK * self.scale
+        return logits_TE, scores_TE, weights_TK, experts_TK
+
+
+class DenseMLP(nn.Module):
+    """A SwiGLU feed-forward block (dense layers among MoE ones, and shared experts)."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Experts(nn.Module):
@@ -127,35 +178,35 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor, k: i
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int):
+    """Route each token to its top-k experts (`Router`), run all experts as one grouped GEMM over rows
+    sorted by expert (dropless), mix the k outputs by the router weights; plus, optionally, a shared expert
+    every token goes through, gated by sigmoid(shared_expert_gate(x)) (Qwen2-MoE)."""
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, router: dict | None = None,
+                 shared_ffn: int = 0, shared_gate: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.gate = nn.Linear(hidden, num_experts, bias=False)  # the router
+        self.gate = Router(hidden, num_experts, top_k, **(router or {}))
         self.experts = Experts(num_experts, hidden, ffn)
-
-    def route(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits and probabilities in fp32 (autocast off), top-k weights renormalised, top-k indices."""
-        with torch.autocast(x_TH.device.type, enabled=False):
-            logits_TE = F.linear(x_TH.float(), self.gate.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return logits_TE, weights_TK, experts_TK
+        if shared_ffn:
+            self.shared_expert = DenseMLP(hidden, shared_ffn)
+            if shared_gate:
+                self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x_BTH: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
         """token_mask [B, T] (True = real token) only affects the statistics: every token is computed."""
         B, T, H = x_BTH.shape
-        E, K = self.num_experts, self.top_k
+        K = self.top_k
         x_TH = x_BTH.reshape(-1, H)
-        logits_TE, weights_TK, experts_TK = self.route(x_TH)
+        logits_TE, scores_TE, weights_TK, experts_TK = self.gate(x_TH)
 
         # Permute: rows sorted by expert (stable, so tokens keep their order within an expert). inv_N[j] is
         # where routed row j (token j // K, its (j % K)-th expert) lands; both directions are gathers.
         flat_N = experts_TK.reshape(-1)
         order_N = flat_N.argsort(stable=True)
         inv_N = inverse_permutation(order_N)
-        counts_E = torch.zeros(E, dtype=torch.int32, device=x_TH.device)
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int32, device=x_TH.device)
         counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
         offs_E = counts_E.cumsum(0, dtype=torch.int32)
         # Under autocast the experts compute in the autocast dtype: cast the T rows before copying N = K * T.
@@ -166,21 +217,41 @@ class SparseMoeBlock(nn.Module):
         # Unpermute (a gather by the inverse permutation) and mix the K expert outputs of each token.
         y_TKH = gather_rows(y_NH, inv_N, order_N, 1).view(-1, K, H)
         out_TH = torch.bmm(weights_TK.to(y_TKH.dtype).unsqueeze(1), y_TKH).squeeze(1)
-        return out_TH.view(B, T, H), self._stats(logits_TE, flat_N, token_mask)
+        if hasattr(self, "shared_expert"):
+            shared_TH = self.shared_expert(x_TH)
+            if hasattr(self, "shared_expert_gate"):
+                shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
+            out_TH = out_TH + shared_TH
+        return out_TH.view(B, T, H), self._stats(logits_TE, scores_TE, flat_N, token_mask, B)
 
-    def _stats(self, logits_TE: torch.Tensor, flat_N: torch.Tensor, token_mask: torch.Tensor | None) -> RouterStats:
+    def _stats(self, logits_TE, scores_TE, flat_N, token_mask, B: int) -> RouterStats:
         E, K = self.num_experts, self.top_k
-        probs_TE = logits_TE.softmax(dim=-1)
+        # The balancing loss's probabilities: softmax scores as they are, sigmoid scores normalised per token.
+        probs_TE = scores_TE if self.gate.scoring == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
         z_T = torch.logsumexp(logits_TE, dim=-1).square()
+        T = logits_TE.shape[0]
         if token_mask is None:
-            m_T = torch.ones(logits_TE.shape[0], dtype=torch.float32, device=logits_TE.device)
+            m_T = torch.ones(T, dtype=torch.float32, device=logits_TE.device)
         else:
             m_T = token_mask.reshape(-1).to(torch.float32)
-        tokens_E = torch.zeros(E, dtype=torch.float32, device=logits_TE.device)
-        tokens_E.scatter_add_(0, flat_N, m_T.repeat_interleave(K))
+        seq_N = torch.arange(T, device=logits_TE.device).repeat_interleave(K) // (T // B)
+        tokens_BE = torch.zeros(B * E, dtype=torch.float32, device=logits_TE.device)
+        tokens_BE.scatter_add_(0, seq_N * E + flat_N, m_T.repeat_interleave(K))
         return RouterStats(
-            tokens_per_expert=tokens_E,
-            prob_sum=(probs_TE * m_T[:, None]).sum(dim=0),
-            num_tokens=m_T.sum(),
-            z_sum=(z_T * m_T).sum(),
+            tokens_per_expert=tokens_BE.view(B, E),
+            prob_sum=(probs_TE * m_T[:, None]).view(B, -1, E).sum(dim=1),
+            num_tokens=m_T.view(B, -1).sum(dim=1),
+            z_sum=(z_T * m_T).view(B, -1).sum(dim=1),
         )
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, counts_LE: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): after an optimizer step, move each MoE layer's selection bias
+    toward the under-loaded experts, bias_e += rate * sign(mean load - load_e), with the step's global
+    expert counts [MoE layers, E]. Not a gradient: the bias never enters the weights."""
+    routers = [m.gate for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    for router, load_E in zip(routers, counts_LE, strict=True):
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is not None:
+            bias += rate * torch.sign(load_E.mean() - load_E).to(bias.dtype)

@@ -45,7 +45,7 @@ def check_layout(world: int, ep: int, num_experts: int) -> None:
         raise UserError(f"config: parallel.expert_parallel ({ep}) must divide the world size ({world})")
     if num_experts % ep:
         raise UserError(f"config: parallel.expert_parallel ({ep}) must divide the number of experts "
-                        f"(model num_local_experts = {num_experts})")
+                        f"(the model has {num_experts})")
 
 
 def build_meshes(device: torch.device, world: int, ep: int) -> Meshes:
@@ -115,7 +115,7 @@ def parallelize(model: CausalLM, cfg: ParallelSection, device: torch.device, wor
     """Apply the configured parallelism to `model` in place; returns the meshes (None on one process)."""
     meshes = None
     if world > 1:
-        check_layout(world, cfg.expert_parallel, model.config.num_local_experts)
+        check_layout(world, cfg.expert_parallel, model.config.n_experts)
         meshes = build_meshes(device, world, cfg.expert_parallel)
         if meshes.ep is not None:
             apply_expert_parallel(model, meshes.ep)

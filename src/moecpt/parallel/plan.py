@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 from moecpt.model import param_shapes
-from moecpt.model.config import MixtralConfig
 
 GB = 1e9
 GiB = 2**30
@@ -63,7 +62,7 @@ class MemoryPlan:
         return self.static + micro_batch * self.activations_per_sample
 
 
-def parameter_shapes(c: MixtralConfig) -> list[tuple[str, tuple[int, ...]]]:
+def parameter_shapes(c) -> list[tuple[str, tuple[int, ...]]]:
     """Every parameter's name and shape, without building the model (the family adapter's table)."""
     return list(param_shapes(c).items())
 
@@ -89,16 +88,16 @@ def shard_numel(name: str, shape: tuple[int, ...], gpus: int, ep: int) -> int:
     return _numel(tuple(chunk))
 
 
-def activation_bytes_per_token_layer(c: MixtralConfig, dtype_bytes: int) -> float:
+def activation_bytes_per_token_layer(c, dtype_bytes: int) -> float:
     """Bytes autograd keeps per token in one decoder layer (see the module docstring)."""
-    H, F, K, E = c.hidden_size, c.intermediate_size, c.num_experts_per_tok, c.num_local_experts
+    H, F, K, E = c.hidden_size, c.expert_ffn, c.top_k, c.n_experts
     kv = c.num_key_value_heads * c.attn_head_dim
     if dtype_bytes == 4:
         return 30 * H + 8 * kv + K * (16 * F + 8 * H + 32) + 12 * E + 36
     return 24.125 * H + 4 * kv + K * (8 * F + 4 * H + 30) + 14 * E + 28
 
 
-def activation_bytes_per_sample(c: MixtralConfig, seq_len: int, dtype_bytes: int, checkpointing: bool) -> float:
+def activation_bytes_per_sample(c, seq_len: int, dtype_bytes: int, checkpointing: bool) -> float:
     layer = activation_bytes_per_token_layer(c, dtype_bytes)
     if checkpointing:
         layers = c.num_hidden_layers * dtype_bytes * c.hidden_size + layer
@@ -108,14 +107,19 @@ def activation_bytes_per_sample(c: MixtralConfig, seq_len: int, dtype_bytes: int
     return seq_len * (layers + head)
 
 
-def plan_memory(c: MixtralConfig, layout: Layout, seq_len: int, gpu_memory: float, reserve: float = 0.1,
+def plan_memory(c, layout: Layout, seq_len: int, gpu_memory: float, reserve: float = 0.1,
                 max_micro_batch: int = 1024) -> MemoryPlan:
     n, ep, a = layout.gpus, layout.expert_parallel, layout.dtype_bytes
     shapes = parameter_shapes(c)
     shard = sum(shard_numel(name, s, n, ep) for name, s in shapes)
     root = sum(_numel(s) for name, s in shapes if not name.startswith("layers."))
-    # One block gathered on this rank: dense weights in full, its E / ep local experts.
-    block = sum(_numel(s) // (ep if ".experts." in name else 1) for name, s in shapes if name.startswith("layers.0."))
+    # One block gathered on this rank (the largest): dense weights in full, its E / ep local experts.
+    blocks: dict[str, int] = {}
+    for name, s in shapes:
+        if name.startswith("layers."):
+            layer = name.split(".")[1]
+            blocks[layer] = blocks.get(layer, 0) + _numel(s) // (ep if ".experts." in name else 1)
+    block = max(blocks.values())
     if n == 1:
         gathered = 0.0  # nothing is sharded: the fp32 weights are used (autocast casts per op)
     elif not layout.reshard_after_forward or layout.accumulate_unsharded:
@@ -133,10 +137,10 @@ def plan_memory(c: MixtralConfig, layout: Layout, seq_len: int, gpu_memory: floa
     return plan
 
 
-def candidate_layouts(c: MixtralConfig, gpus: int, dtype_bytes: int) -> list[Layout]:
+def candidate_layouts(c, gpus: int, dtype_bytes: int) -> list[Layout]:
     """The layouts worth comparing: EP sizes that divide both the GPUs and the experts, reshard or not, with
     and without activation checkpointing."""
-    eps = [e for e in range(1, min(gpus, c.num_local_experts) + 1) if gpus % e == 0 and c.num_local_experts % e == 0]
+    eps = [e for e in range(1, min(gpus, c.n_experts) + 1) if gpus % e == 0 and c.n_experts % e == 0]
     out = []
     for ep in eps:
         for reshard in (True, False):
@@ -166,12 +170,12 @@ def parse_memory(text: str) -> float:
     return float(t)
 
 
-def format_plan(c: MixtralConfig, plans: list[MemoryPlan], seq_len: int, global_batch: int) -> str:
+def format_plan(c, plans: list[MemoryPlan], seq_len: int, global_batch: int) -> str:
     n = plans[0].layout.gpus
     p_total = sum(_numel(s) for _, s in parameter_shapes(c))
     lines = [
-        f"model: {p_total / 1e9:.2f}B parameters, {c.num_hidden_layers} layers, {c.num_local_experts} experts "
-        f"(top-{c.num_experts_per_tok}); {n} GPUs, {plans[0].usable / GB:.1f} GB usable per GPU; "
+        f"model: {p_total / 1e9:.2f}B parameters, {c.num_hidden_layers} layers, {c.n_experts} experts "
+        f"(top-{c.top_k}); {n} GPUs, {plans[0].usable / GB:.1f} GB usable per GPU; "
         f"seq_len {seq_len}, global batch {global_batch} sequences",
         "sharded state per GPU: fp32 params + fp32 grads + AdamW states = 16 bytes x P / N; memory in GB (1e9)",
         "",

@@ -17,17 +17,20 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 
 def model_flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active matmul parameters (attention projections, top-k experts, router,
-    LM head; not the embedding lookup) + 6 x layers x seq_len x attention width (causal attention's two
-    matmuls, forward and backward, halved by the causal mask)."""
-    c = config
+    """Training FLOPs per token: 6 x active matmul parameters (attention projections, the top-k of each MoE
+    layer's experts, shared experts, dense MLPs, routers, LM head; not the embedding lookup, norms or biases)
+    + 6 x layers x seq_len x attention width (causal attention's two matmuls, forward and backward, halved by
+    the causal mask)."""
+    from moecpt.model import param_shapes
+
+    c, active = config, 0.0
+    for name, shape in param_shapes(c).items():
+        if len(shape) < 2 or (name == "embed_tokens.weight" and not c.tie_word_embeddings):
+            continue
+        n = math.prod(shape)
+        active += n * c.top_k / shape[0] if ".experts." in name else n
     width = c.num_attention_heads * c.attn_head_dim
-    attn = c.hidden_size * width * 2 + 2 * c.hidden_size * c.num_key_value_heads * c.attn_head_dim
-    experts = c.num_experts_per_tok * 3 * c.hidden_size * c.intermediate_size
-    router = c.hidden_size * c.num_local_experts
-    per_layer = attn + experts + router
-    dense = 6 * (c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size)
-    return float(dense + 6 * c.num_hidden_layers * seq_len * width)
+    return float(6 * active + 6 * c.num_hidden_layers * seq_len * width)
 
 
 def gpu_peak_tflops(device_name: str) -> float | None:

@@ -20,7 +20,7 @@ from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 from moecpt.errors import UserError
 from moecpt.kernels.attention import sdpa_backend
 from moecpt.kernels.support import triton_installed, triton_usable, why_not_triton
-from moecpt.model import CausalLM, build_model, load_config
+from moecpt.model import CausalLM, build_model, load_config, param_shapes
 from moecpt.model.families import family, family_of
 from moecpt.parallel import dist as pdist
 from moecpt.parallel import parallelize as par
@@ -142,33 +142,40 @@ def check_token_ids(tokenizer: Tokenizer, dataset: MixtureDataset, vocab_size: i
                     "sources), or use a model whose vocab_size exceeds the largest id")
 
 
-# The fields that change a model's parameters (the others, such as loss coefficients, may change between runs).
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "num_local_experts", "tie_word_embeddings")
+def shape_changes(old, new) -> list[str]:
+    """The config fields that differ between two configs whose models have different parameter shapes
+    (empty when the shapes are the same: coefficients and other settings may change between runs)."""
+    if type(old) is not type(new):
+        return [f"model family {old.model_type} in the checkpoint, {new.model_type} in the config"]
+    if param_shapes(old) == param_shapes(new):
+        return []
+    return [f"{f.name} {getattr(old, f.name)} in the checkpoint, {getattr(new, f.name)} in the config"
+            for f in dataclasses.fields(old)
+            if getattr(old, f.name) != getattr(new, f.name)]
 
 
 def model_config(cfg: TrainConfig):
     """The model's shape: from init_from's config (a Hugging Face directory or a moecpt checkpoint), or the
     preset with `model.overrides`."""
     overrides = dict(cfg.model.overrides)
-    if cfg.init_from:
-        src = Path(cfg.init_from)
-        if ckpt_lib.is_hf_dir(src):
-            base = load_config(src)
-        elif (src / ckpt_lib.COMPLETE).is_file():
-            base = ckpt_lib.saved_model_config(src)
-        else:
-            raise UserError(f"init_from = {cfg.init_from!r} is neither a Hugging Face directory (config.json) nor "
-                            "a complete moecpt checkpoint")
-        _check_overrides(base, overrides)
-        bad = sorted(k for k in set(overrides) & set(SHAPE_FIELDS) if overrides[k] != getattr(base, k))
-        if bad:
-            raise UserError(f"config: model.overrides {', '.join(f'{k}={overrides[k]}' for k in bad)} would change "
-                            f"the shape of the init_from model ({src}); remove them")
-        return dataclasses.replace(base, **overrides)
-    config_cls = family(None).config_cls
-    _check_overrides(config_cls.from_preset(cfg.model.preset), overrides)
-    return config_cls.from_preset(cfg.model.preset, **overrides)
+    if not cfg.init_from:
+        config_cls = family(None).config_cls
+        _check_overrides(config_cls.from_preset(cfg.model.preset), overrides)
+        return config_cls.from_preset(cfg.model.preset, **overrides)
+    src = Path(cfg.init_from)
+    if ckpt_lib.is_hf_dir(src):
+        base = load_config(src)
+    elif (src / ckpt_lib.COMPLETE).is_file():
+        base = ckpt_lib.saved_model_config(src)
+    else:
+        raise UserError(f"init_from = {cfg.init_from!r} is neither a Hugging Face directory (config.json) nor "
+                        "a complete moecpt checkpoint")
+    _check_overrides(base, overrides)
+    config = dataclasses.replace(base, **overrides)
+    if shape_changes(base, config):
+        raise UserError(f"config: model.overrides {', '.join(f'{k}={v}' for k, v in overrides.items())} would "
+                        f"change the shape of the init_from model ({src}); remove them")
+    return config
 
 
 def _check_overrides(base, overrides: dict) -> None:
@@ -189,5 +196,8 @@ def build_training_model(cfg: TrainConfig, rt: Runtime, config, seed: int | None
     model.tie_weights()
     if seed is not None:
         model.init_weights(torch.Generator().manual_seed(seed))
+    model.init_buffers()
     model.use_kernels(rt.fused_kernels, cfg.kernels.loss_chunk_tokens, device=rt.device)
+    if rt.world > 1 and config.router_balance_scope == "global":
+        model.loss_fn.group = torch.distributed.group.WORLD  # every rank is a data-parallel rank
     return model

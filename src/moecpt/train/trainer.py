@@ -32,6 +32,7 @@ from moecpt.data.tokenizer import Tokenizer
 from moecpt.errors import UserError
 from moecpt.model import CausalLM, from_pretrained
 from moecpt.model.families import family_of
+from moecpt.model.moe import update_router_bias
 from moecpt.parallel import dist as pdist
 from moecpt.parallel import parallelize as par
 from moecpt.train import checkpoint as ckpt_lib
@@ -46,13 +47,13 @@ from moecpt.train.metrics import (
 )
 from moecpt.train.optim import build_optimizer, lr_at
 from moecpt.train.setup import (
-    SHAPE_FIELDS,
     Runtime,
     build_training_model,
     check_token_ids,
     model_config,
     prepare_data,
     setup_runtime,
+    shape_changes,
 )
 from moecpt.train.validate import Validator, model_inputs, to_device
 
@@ -63,7 +64,8 @@ class StepSums:
 
     corpus_loss: torch.Tensor  # [C] summed CE per corpus
     corpus_tokens: torch.Tensor  # [C] targets per corpus
-    expert_counts: torch.Tensor  # [L, E]
+    expert_counts: torch.Tensor | int  # [MoE layers, E] (0 until the first micro-batch adds to it)
+    counts_global: bool = False  # expert_counts already summed over the ranks (for the router bias)
 
 
 class Trainer:
@@ -110,9 +112,7 @@ class Trainer:
     def resume(self, target: Path) -> None:
         """Everything from a checkpoint of this run: weights, optimizer, data position, counters, RNG."""
         saved = ckpt_lib.read_trainer_state(target)
-        was = saved.get("model_config", {})
-        diffs = [f"{k} {was[k]} in the checkpoint, {getattr(self.model_config, k)} in the config"
-                 for k in SHAPE_FIELDS if k in was and was[k] != getattr(self.model_config, k)]
+        diffs = shape_changes(ckpt_lib.saved_model_config(target), self.model_config)
         if diffs:
             raise UserError(f"cannot resume from {target}: its model has another shape ({'; '.join(diffs)}). "
                             "Resume with the run's model settings, or start a new run_dir with init_from pointing "
@@ -130,10 +130,16 @@ class Trainer:
 
     def init_from(self, src: Path) -> None:
         """Weights only (continual pre-training): from a Hugging Face directory or a moecpt checkpoint."""
-        if ckpt_lib.is_hf_dir(src) and self.rt.world > 1:  # rank 0 reads the weights and broadcasts them
-            par.load_full_state_dict(self.model, from_pretrained(src).state_dict() if self.rt.is_main else None)
-        elif ckpt_lib.is_hf_dir(src):
-            self.model.load_state_dict(from_pretrained(src, device=self.rt.device).state_dict())
+        if ckpt_lib.is_hf_dir(src):
+            full = None
+            if self.rt.is_main or self.rt.world == 1:  # rank 0 reads the weights (and broadcasts them)
+                full = from_pretrained(src, device=self.rt.device if self.rt.world == 1 else "cpu").state_dict()
+                for name, b in self.model.named_buffers():  # a selection bias the source has no place for
+                    full.setdefault(name, torch.zeros(b.shape, dtype=b.dtype))
+            if self.rt.world > 1:
+                par.load_full_state_dict(self.model, full)
+            else:
+                self.model.load_state_dict(full)
         else:
             ckpt_lib.load_model_weights(src, self.model)
         self.start_mode = f"initialised from {src} (weights only: fresh optimizer, schedule and data)"
@@ -142,11 +148,10 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """Forward/backward over the accumulated micro-batches, clip, and (if all is finite) step. One host
         read-back per step (loss, gradient norm, stop signal); the rest of the record only on logging steps."""
-        cfg, c = self.cfg, self.model_config
+        cfg = self.cfg
         batches = [to_device(self.loader.next_batch(), self.rt.device) for _ in range(self.accum)]
         n_corpora, dev = len(self.dataset.corpora), self.rt.device
-        sums = StepSums(torch.zeros(n_corpora, device=dev), torch.zeros(n_corpora, device=dev),
-                        torch.zeros(c.num_hidden_layers, c.num_local_experts, device=dev))
+        sums = StepSums(torch.zeros(n_corpora, device=dev), torch.zeros(n_corpora, device=dev), 0)
         losses = torch.zeros(3, device=dev)  # summed CE (nats), summed lb loss, summed z loss
         ce_weight = self.rt.world / self.tokens_per_step  # gradients are averaged over the ranks
         self.model.train()
@@ -171,6 +176,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            self._update_router_bias(sums)
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         self.nonfinite_total += not finite
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,9 +189,17 @@ class Trainer:
                 "grad_norm": gnorm, "tokens": self.tokens_per_step, "skipped": not finite,
                 "samples_consumed": self.loader.state.samples_consumed, "spike": self.spikes(ce)}
 
+    def _update_router_bias(self, sums: StepSums) -> None:
+        """Aux-loss-free balancing: move each router's selection bias by the step's global expert load."""
+        rate = self.model_config.router_bias_update_rate
+        if rate > 0:
+            pdist.all_reduce(sums.expert_counts)
+            sums.counts_global = True
+            update_router_bias(self.model, sums.expert_counts, rate)
+
     def expert_record(self, sums: StepSums) -> dict[str, Any]:
         """The logging step's per-corpus losses and expert load, summed over ranks (one read-back)."""
-        for t in (sums.corpus_loss, sums.corpus_tokens, sums.expert_counts):
+        for t in (sums.corpus_loss, sums.corpus_tokens) + (() if sums.counts_global else (sums.expert_counts,)):
             pdist.all_reduce(t)
         record = {}
         for name, loss, n in zip([c.name for c in self.dataset.corpora], sums.corpus_loss.tolist(),
@@ -197,6 +211,9 @@ class Trainer:
         record["expert_load_max"] = load.max(dim=1).values.tolist()  # per layer: busiest expert / mean
         record["expert_idle"] = (counts == 0).sum(dim=1).tolist()  # per layer: experts with no token
         record["expert_counts"] = counts.tolist()
+        biases = [b for n, b in self.model.named_buffers() if n.endswith("e_score_correction_bias")]
+        if biases:
+            record["router_bias_norm"] = torch.stack([b.norm() for b in biases]).tolist()  # per MoE layer
         return record
 
     # ---- the loop -----------------------------------------------------------------------------------------
