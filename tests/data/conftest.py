@@ -26,7 +26,7 @@ SWALLOW_MX = {"ja": 0.644, "en": 0.256, "code": 0.1}
 def require_data() -> Path:
     """../shared/data, for a test that needs one of its specific files (not just real text)."""
     if not HAVE_SHARED:
-        pytest.skip(f"shared corpora not found at {SHARED_DATA} (tests read ../shared/data beside the repo)")
+        pytest.skip(f"the shared corpora are not at {SHARED_DATA}")
     return SHARED_DATA
 
 

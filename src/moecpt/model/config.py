@@ -17,8 +17,11 @@ BALANCE_SCOPES = ("micro_batch", "sequence", "global")
 
 
 @dataclass(frozen=True)
-class RouterTraining:
-    """How a model's routers are trained: moecpt settings, not Hugging Face config fields (never exported).
+class FamilyConfig:
+    """What every family's config shares: how its routers are trained, and reading and writing Hugging Face
+    `config.json` dicts. A family's config subclasses it with the fields of its transformers config.
+
+    The router-training settings are moecpt's, not Hugging Face config fields (never exported):
 
     - `router_z_loss_coef`: ST-MoE router z-loss coefficient;
     - `router_balance_scope`: the tokens the load-balancing loss pools: "micro_batch" (transformers, Megatron),
@@ -27,9 +30,57 @@ class RouterTraining:
       this much per step toward the under-loaded experts, DeepSeek-V3's rule).
     """
 
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]  # the transformers class name written into config.json
+    hf_extras: ClassVar[dict[str, Any]] = {}  # config.json keys moecpt always writes (features it does not use)
+    presets: ClassVar[dict[str, FamilyConfig]] = {}
+    required: ClassVar[tuple[str, ...]] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
     router_z_loss_coef: float = 0.0
     router_balance_scope: str = "micro_batch"
     router_bias_update_rate: float = 0.0
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        """A named shape of this family, optionally with fields overridden."""
+        if name not in cls.presets:
+            raise UserError(f"unknown model preset {name!r} of {cls.model_type}; choose one of "
+                            f"{', '.join(sorted(cls.presets))}")
+        return dataclasses.replace(cls.presets[name], **overrides)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json"):
+        """Read a Hugging Face `config.json` dict of this family (transformers 4.x or 5.x spelling)."""
+        return cls(**cls.hf_kwargs(d, source))
+
+    @classmethod
+    def hf_kwargs(cls, d: dict[str, Any], source: str) -> dict[str, Any]:
+        """The dataclass fields of a `config.json` dict: model_type checked, the default RoPE's theta read from
+        rope_parameters / rope_scaling, the first of several token ids, required keys present."""
+        model_type = d.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise UserError(f"{source}: model_type is {model_type!r}, not {cls.model_type!r}")
+        d = dict(d)
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
+        if rope:
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise UserError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
+            d.setdefault("rope_theta", rope.get("rope_theta", d.get("rope_theta", 1e6)))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(d.get(key), list):  # some configs list several ids; the first is the canonical one
+                d[key] = d[key][0] if d[key] else None
+        missing = [k for k in cls.required if k not in d]
+        if missing:
+            raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)} - set(MOECPT_FIELDS)
+        return {k: v for k, v in d.items() if k in names}
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """A `config.json` dict that transformers (4.x and 5.x) reads as this family's model."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in MOECPT_FIELDS}
+        return d | {"architectures": [self.architecture], "model_type": self.model_type, "torch_dtype": dtype,
+                    "use_cache": True, "output_router_logits": False} | self.hf_extras
 
     def router_problems(self) -> list[str]:
         problems = []
@@ -41,12 +92,14 @@ class RouterTraining:
         return problems
 
 
-MOECPT_FIELDS = tuple(f.name for f in dataclasses.fields(RouterTraining))
+MOECPT_FIELDS = ("router_z_loss_coef", "router_balance_scope", "router_bias_update_rate")
 
 
 @dataclass(frozen=True)
-class MixtralConfig(RouterTraining):
+class MixtralConfig(FamilyConfig):
     model_type: ClassVar[str] = "mixtral"
+    architecture: ClassVar[str] = "MixtralForCausalLM"
+    hf_extras: ClassVar[dict[str, Any]] = {"attention_dropout": 0.0, "router_jitter_noise": 0.0}
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 14336  # per expert
@@ -105,53 +158,11 @@ class MixtralConfig(RouterTraining):
     def expert_ffn(self) -> int:
         return self.intermediate_size
 
-    # ---- presets -------------------------------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> MixtralConfig:
-        """A named shape (`mixtral-8x7b`, `bench-1b`, `mini`, `tiny`), optionally with fields overridden."""
-        if name not in PRESETS:
-            raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    # ---- Hugging Face config.json --------------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> MixtralConfig:
-        """Read a Hugging Face Mixtral `config.json` dict (transformers 4.x or 5.x spelling)."""
-        model_type = d.get("model_type")
-        if model_type not in (None, "mixtral"):
-            raise UserError(f"{source}: model_type is {model_type!r}; moecpt loads Mixtral models ('mixtral')")
-        d = dict(d)
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
-        if rope:
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
-                raise UserError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
-            d.setdefault("rope_theta", rope.get("rope_theta", d.get("rope_theta", 1e6)))
         if d.get("router_jitter_noise"):
             raise UserError(f"{source}: router_jitter_noise={d['router_jitter_noise']} is not supported; set it to 0")
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(d.get(key), list):  # some configs list several ids; the first is the canonical one
-                d[key] = d[key][0] if d[key] else None
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in d]
-        if missing:
-            raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
-        return cls(**kwargs)
-
-    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """A `config.json` dict that transformers (4.x and 5.x) reads as `MixtralForCausalLM`."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in MOECPT_FIELDS}
-        d.update(
-            architectures=["MixtralForCausalLM"],
-            model_type="mixtral",
-            torch_dtype=dtype,
-            attention_dropout=0.0,
-            router_jitter_noise=0.0,
-            output_router_logits=False,
-            use_cache=True,
-        )
-        return d
+        return cls(**cls.hf_kwargs(d, source))
 
 
 PRESETS: dict[str, MixtralConfig] = {
@@ -172,3 +183,4 @@ PRESETS: dict[str, MixtralConfig] = {
         num_key_value_heads=2, num_local_experts=4, max_position_embeddings=2048,
     ),
 }
+MixtralConfig.presets = PRESETS

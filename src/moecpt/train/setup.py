@@ -21,7 +21,7 @@ from moecpt.errors import UserError
 from moecpt.kernels.attention import sdpa_backend
 from moecpt.kernels.support import triton_installed, triton_usable, why_not_triton
 from moecpt.model import CausalLM, build_model, load_config, param_shapes
-from moecpt.model.families import family, family_of
+from moecpt.model.families import family_of, preset_config
 from moecpt.parallel import dist as pdist
 from moecpt.parallel import parallelize as par
 from moecpt.train import checkpoint as ckpt_lib
@@ -159,9 +159,8 @@ def model_config(cfg: TrainConfig):
     preset with `model.overrides`."""
     overrides = dict(cfg.model.overrides)
     if not cfg.init_from:
-        config_cls = family(None).config_cls
-        _check_overrides(config_cls.from_preset(cfg.model.preset), overrides)
-        return config_cls.from_preset(cfg.model.preset, **overrides)
+        _check_overrides(preset_config(cfg.model.preset), overrides)
+        return preset_config(cfg.model.preset, **overrides)
     src = Path(cfg.init_from)
     if ckpt_lib.is_hf_dir(src):
         base = load_config(src)

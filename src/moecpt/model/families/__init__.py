@@ -36,6 +36,15 @@ def family(model_type: str | None, source: str = "config") -> Family:
     return found
 
 
+def preset_config(name: str, **overrides):
+    """The config of a named preset of any family (`model.preset`), with fields overridden."""
+    for f in FAMILIES.values():
+        if name in f.config_cls.presets:
+            return f.config_cls.from_preset(name, **overrides)
+    names = sorted(n for f in FAMILIES.values() for n in f.config_cls.presets)
+    raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(names)}")
+
+
 def family_of(config) -> Family:
     """The family a config dataclass belongs to."""
     for f in FAMILIES.values():
