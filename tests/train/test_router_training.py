@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from moecpt.report.plots import plot_run
 from moecpt.train import checkpoint as ckpt_lib
 from moecpt.train.metrics import read_metrics
 from moecpt.train.trainer import train
@@ -31,6 +32,8 @@ def test_the_bias_moves_is_logged_and_resumes_exactly(tiny_config, tmp_path):
     bias = "layers.0.moe.gate.e_score_correction_bias"
     assert bias in a and a[bias].abs().sum() > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
+    made = {p.name for p in plot_run(straight)}
+    assert {"router_bias.png", "expert_imbalance.png"} <= made
 
 
 def test_without_the_rate_there_is_no_bias(tiny_config, tmp_path):

@@ -259,7 +259,7 @@ def test_plot_draws_the_figures_of_a_run(tiny_config, tmp_path):
     train(tiny_config("--training.steps=3", "--logging.val_interval=1"))
     assert main(["plot", str(tmp_path / "run")]) == 0
     made = {p.name for p in (tmp_path / "run" / "plots").iterdir()}
-    assert made == {"loss.png", "lb_loss.png", "lr.png", "val_bpb.png", "expert_load.png"}
+    assert made == {"loss.png", "lb_loss.png", "lr.png", "val_bpb.png", "expert_load.png", "expert_imbalance.png"}
     assert all((tmp_path / "run" / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in made)
     with pytest.raises(UserError, match="no training records"):
         from moecpt.report.plots import plot_run

@@ -67,7 +67,18 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     made.append(_line_plot(out / "val_bpb.png", "validation loss per corpus", "bits per byte",
                            {c: _series(records, f"val_bpb/{c}") for c in val_corpora}))
     made.append(_expert_heatmap(out / "expert_load.png", train))
+    made.append(_line_plot(out / "expert_imbalance.png", "expert load imbalance (max / mean, worst MoE layer)",
+                           "busiest expert / mean", {"max over layers": _per_layer(train, "expert_load_max", max)}))
+    made.append(_line_plot(out / "router_bias.png", "router selection bias (aux-loss-free balancing)",
+                           "L2 norm, mean over MoE layers",
+                           {"bias norm": _per_layer(train, "router_bias_norm", lambda v: sum(v) / len(v))}))
     return [p for p in made if p is not None]
+
+
+def _per_layer(records: list[dict[str, Any]], key: str, reduce) -> tuple[list[int], list[float]]:
+    """A per-layer list metric reduced to one number per logged step."""
+    pts = [(r["step"], reduce(r[key])) for r in records if r.get(key)]
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def _expert_heatmap(path: Path, records: list[dict[str, Any]]) -> Path | None:
