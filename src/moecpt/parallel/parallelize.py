@@ -91,7 +91,7 @@ def apply_fsdp(model: CausalLM, meshes: Meshes, param_dtype: torch.dtype | None,
     for i, layer in enumerate(model.layers):
         last = i == len(model.layers) - 1  # the root all-gathers right after it: keep it gathered
         reshard = reshard_after_forward and not last
-        if meshes.ep is not None:
+        if meshes.ep is not None and hasattr(layer, "moe"):  # dense layers among the MoE ones have no experts
             experts = layer.moe.experts
             efsdp = meshes.efsdp.size()
             fully_shard(experts, mesh=meshes.efsdp, mp_policy=mp, reshard_after_forward=reshard,
