@@ -13,6 +13,8 @@ from moecpt.errors import UserError
 from moecpt.model.base import CausalLM
 from moecpt.model.config import MixtralConfig
 from moecpt.model.families.mixtral import MixtralAdapter, MixtralForCausalLM
+from moecpt.model.families.olmoe import OlmoeAdapter, OlmoeConfig, OlmoeForCausalLM
+from moecpt.model.families.qwen2_moe import Qwen2MoeAdapter, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", MixtralConfig, MixtralForCausalLM, MixtralAdapter),
+    "olmoe": Family("olmoe", OlmoeConfig, OlmoeForCausalLM, OlmoeAdapter),
+    "qwen2_moe": Family("qwen2_moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeAdapter),
 }
 
 

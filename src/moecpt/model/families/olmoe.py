@@ -1,0 +1,167 @@
+"""OLMoE (allenai/OLMoE-1B-7B): attention with an RMSNorm over the whole q projection and the whole k
+projection (not per head), before RoPE; optionally q, k and v clamped to [-clip_qkv, clip_qkv] after the
+norms; biases on all four projections when `attention_bias`; every layer a sparse MoE block of `num_experts`
+experts of `intermediate_size`, softmax top-k routing not renormalised unless `norm_topk_prob`.
+
+Read from transformers' `models/olmoe` (5.x): q_norm spans hidden_size (= heads x head size), k_norm
+kv heads x head size; the head size is hidden_size / num_attention_heads (no head_dim field); full causal
+attention in every layer. transformers computes the load-balancing loss only; OLMoE was also pretrained with
+the router z-loss, which moecpt adds with `router_z_loss_coef` (see the preset).
+
+Hugging Face layouts read: the hub layout of the published checkpoints (`mlp.experts.{j}.gate_proj/up_proj/
+down_proj`, router `mlp.gate`, `self_attn.q_norm`/`k_norm`) and the fused layout of transformers 5
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`). Saving writes the hub layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from moecpt.errors import UserError
+from moecpt.model.adapter import StateDictAdapter
+from moecpt.model.base import CausalLM
+from moecpt.model.config import FamilyConfig
+from moecpt.model.layers import Attention, DecoderLayer
+from moecpt.model.moe import SparseMoeBlock
+
+
+@dataclass(frozen=True)
+class OlmoeConfig(FamilyConfig):
+    """The fields of transformers' OlmoeConfig, with its defaults (its num_key_value_heads None, meaning
+    num_attention_heads, is resolved when config.json is read)."""
+
+    model_type: ClassVar[str] = "olmoe"
+    architecture: ClassVar[str] = "OlmoeForCausalLM"
+    hf_extras: ClassVar[dict[str, Any]] = {"attention_dropout": 0.0}
+
+    vocab_size: int = 50304
+    hidden_size: int = 2048
+    intermediate_size: int = 2048  # per expert
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    num_experts: int = 64
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = False
+    attention_bias: bool = False
+    clip_qkv: float | None = None
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    router_aux_loss_coef: float = 0.01
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = 50279
+    pad_token_id: int | None = 1
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be positive, got {getattr(self, name)}"
+                    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok")
+                    if int(getattr(self, name)) <= 0]
+        if self.num_attention_heads % max(self.num_key_value_heads, 1):
+            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                            f"num_key_value_heads ({self.num_key_value_heads})")
+        heads = max(self.num_attention_heads, 1)
+        if self.hidden_size % heads or (self.hidden_size // heads) % 2:
+            problems.append(f"hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_attention_heads}) "
+                            "must be a whole, even head size")
+        if self.num_experts_per_tok > self.num_experts:
+            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                            f"({self.num_experts})")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            problems.append(f"clip_qkv must be positive or null, got {self.clip_qkv}")
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported (OLMoE uses 'silu')")
+        problems += self.router_problems()
+        if problems:
+            raise UserError("invalid olmoe model config: " + "; ".join(problems))
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def n_experts(self) -> int:
+        return self.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.intermediate_size
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> OlmoeConfig:
+        d = dict(d)
+        if "num_experts" not in d and "num_local_experts" in d:  # transformers' attribute_map spelling
+            d["num_experts"] = d["num_local_experts"]
+        if d.get("attention_dropout"):
+            raise UserError(f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0")
+        heads = d.get("num_attention_heads")
+        if d.get("head_dim") is not None and heads and d["head_dim"] != d.get("hidden_size", 0) // heads:
+            raise UserError(f"{source}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads; "
+                            "transformers' OLMoE has no separate head size")
+        if d.get("num_key_value_heads") is None and heads:
+            d["num_key_value_heads"] = heads
+        return cls(**cls.hf_kwargs(d, source))
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """config.json for transformers 4.x (rope_theta) and 5.x (rope_parameters)."""
+        d = super().to_hf_dict(dtype)
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        return d
+
+
+def olmoe_layer(c: OlmoeConfig, i: int) -> DecoderLayer:
+    attention = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.attn_head_dim, i,
+                          qkv_bias=c.attention_bias, o_bias=c.attention_bias, qk_norm="full",
+                          norm_eps=c.rms_norm_eps, clip_qkv=c.clip_qkv)
+    router = {"norm_topk": c.norm_topk_prob, "bias": c.router_bias_update_rate > 0}
+    moe = SparseMoeBlock(c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok, router)
+    return DecoderLayer(c.hidden_size, c.rms_norm_eps, attention, moe, sparse=True)
+
+
+class OlmoeForCausalLM(CausalLM):
+    def __init__(self, config: OlmoeConfig):
+        super().__init__()
+        self.setup(config, [olmoe_layer(config, i) for i in range(config.num_hidden_layers)])
+
+
+class OlmoeAdapter(StateDictAdapter):
+    model_cls = OlmoeForCausalLM
+    hub_router = "mlp.gate"
+    hub_expert = "mlp.experts.{j}."
+    hub_projections = ("gate_proj", "up_proj", "down_proj")
+
+
+OlmoeForCausalLM.adapter_cls = OlmoeAdapter
+
+
+PRESETS: dict[str, OlmoeConfig] = {
+    # allenai/OLMoE-1B-7B-0924's config.json (6.9B parameters, 1.3B active). Pretrained (OLMoE paper,
+    # arXiv:2409.02060, and its training config) with MegaBlocks' load-balancing loss at weight 0.01 and router
+    # z-loss at 0.001, each computed over a device's micro-batch (8 x 4096 tokens): the scope is known. Note
+    # that MegaBlocks normalises both by top_k (and averages the balancing product per layer), so the same
+    # weights here, in transformers' normalisation, push 8x harder than in OLMoE's pretraining.
+    "olmoe-1b-7b": OlmoeConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False, attention_bias=False, clip_qkv=None, max_position_embeddings=4096,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=50279, pad_token_id=1, router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+        router_balance_scope="micro_batch",
+    ),
+    # For tests: a few hundred thousand parameters besides the embeddings, fine-grained (16 experts, top-4).
+    "olmoe-tiny": OlmoeConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, max_position_embeddings=2048,
+        eos_token_id=2, pad_token_id=0, router_z_loss_coef=0.001,
+    ),
+}
+OlmoeConfig.presets = PRESETS
