@@ -15,6 +15,7 @@ from moecpt.model.config import MixtralConfig
 from moecpt.model.families.mixtral import MixtralAdapter, MixtralForCausalLM
 from moecpt.model.families.olmoe import OlmoeAdapter, OlmoeConfig, OlmoeForCausalLM
 from moecpt.model.families.qwen2_moe import Qwen2MoeAdapter, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from moecpt.model.families.qwen3_moe import Qwen3MoeAdapter, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", MixtralConfig, MixtralForCausalLM, MixtralAdapter),
     "olmoe": Family("olmoe", OlmoeConfig, OlmoeForCausalLM, OlmoeAdapter),
     "qwen2_moe": Family("qwen2_moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeAdapter),
+    "qwen3_moe": Family("qwen3_moe", Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeAdapter),
 }
 
 
