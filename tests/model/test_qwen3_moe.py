@@ -5,6 +5,7 @@ export, strict loading, and the config in both transformers spellings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import moecpt
 from moecpt.errors import UserError
+from moecpt.model import build_model
 from moecpt.model import moe as moe_module
 from moecpt.model.families import family, preset_config
 from moecpt.model.families.qwen3_moe import Qwen3MoeAdapter, Qwen3MoeConfig
@@ -162,6 +164,27 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, shape):
                          eos_token_id=None)
     ours = model.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=[])
     assert ours.tolist() == theirs.tolist()
+
+
+def test_windowed_kv_cache_decoding_gives_the_logits_of_the_full_forward(tmp_path):
+    """Token-by-token decoding past the window (the KV cache with the sliding-window mask) against the full
+    forward, which the parity test checks against transformers."""
+    make_hf_model(tmp_path, **SHAPES["window-tied"])
+    model = moecpt.from_pretrained(tmp_path).eval()
+    assert model.config.window == 7
+    ids = ids_batch(8, b=2, t=20)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 20, torch.float32, ids.device)
+        steps = [model(ids[:, :5], cache=cache).logits]
+        for t in range(5, 20):
+            steps.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), cache=cache).logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= TOL
+    unwindowed = build_model(dataclasses.replace(model.config, use_sliding_window=False)).eval()
+    unwindowed.load_state_dict(model.state_dict(), assign=True)
+    with torch.no_grad():  # and the window matters here: without it the positions past it differ
+        free = unwindowed(ids).logits
+    assert torch.equal(free[:, :7], full[:, :7]) and (free[:, 7:] - full[:, 7:]).abs().max().item() > 1e-3
 
 
 def test_fused_transformers5_layout_loads(tmp_path):

@@ -114,3 +114,28 @@ def test_qwen3_moe_kill_9_and_resume_reproduces_the_uninterrupted_run(qwen3_conf
     a, b = final_weights(whole), final_weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(".mlp.gate_proj." in k for k in a) and any(".moe.experts." in k for k in a)
+
+
+def test_qwen3_recipe_and_config_continue_qwen3_in_its_pretraining_regime(capsys):
+    from moecpt.cli import main
+    from moecpt.pipeline.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "qwen3-moe-30b-a3b.toml")
+    recipe = load_recipe(repo / "recipes" / "qwen3-moe-30b-a3b.toml")
+    cpt = recipe.stage_config("cpt", {"ja": [], "en": [], "code": []}, init_from=recipe.cpt["init_from"])
+    for c in (cfg, cpt):
+        assert c.model.preset == "qwen3-moe-30b-a3b" and "Qwen3-30B-A3B" in c.init_from
+        assert c.model.overrides == {"router_aux_loss_coef": 0.001, "router_balance_scope": "global"}
+        assert c.data.tokenizer == str(Path(c.init_from) / "tokenizer.json")
+        assert c.data.mixture == "0.644 ja 0.256 en 0.1 code"
+        o, t = c.optimizer, c.training
+        assert (o.lr, o.min_lr, t.steps, t.global_batch, c.data.seq_len, t.dtype) == (
+            2e-5, 2e-6, 25000, 1024, 4096, "bfloat16")
+    # Without the weights here, `moecpt plan` falls back to the preset: the 30.5B-parameter Qwen3-30B-A3B.
+    for gpus in (8, 64):
+        assert main(["plan", "--config", str(repo / "configs" / "qwen3-moe-30b-a3b.toml"), "--gpus", str(gpus),
+                     "--gpu-memory", "80GB"]) == 0
+        out = capsys.readouterr().out
+        assert "using model.preset 'qwen3-moe-30b-a3b'" in out
+        assert "30.53B parameters, 48 layers, 128 experts (top-8)" in out and "suggested:" in out
