@@ -79,7 +79,7 @@ class TrainingSection:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     max_nonfinite_in_a_row: int = 5  # then save a checkpoint and stop
-    spike_factor: float = 3.0  # flag a loss above this multiple of its running mean
+    spike_factor: float = 3.0  # flag a loss above this multiple of the median of the last 64 losses
 
 
 @dataclass
@@ -87,6 +87,9 @@ class CheckpointSection:
     interval: int = 1000  # steps between checkpoints (0: only at the end and on a signal)
     keep_last: int = 2
     keep_every: int = 0  # also keep every k-th step's checkpoint (0: none)
+    # After a non-finite step, finite steps in a row needed before a checkpoint is written again (none is
+    # written during a non-finite streak either).
+    recovery_steps: int = 10
     export_at_end: bool = True  # write a Hugging Face directory to RUN_DIR/hf when training ends
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -135,17 +136,38 @@ def console(line: str) -> None:
 
 
 class SpikeDetector:
-    """Flags a step whose loss exceeds `factor` x the running mean (an EMA of the steps not flagged)."""
+    """Flags a step whose loss exceeds `factor` x a robust recent baseline: the median of the last `window`
+    finite losses. Flagged losses enter the window too, so after a lasting level shift the median moves to
+    the new level within window / 2 steps and the flags stop, while a lone spike hardly moves it. The first
+    `min_history` steps are never flagged (no baseline yet)."""
 
-    def __init__(self, factor: float):
-        self.factor, self.ema, self.count = factor, None, 0
+    def __init__(self, factor: float, window: int = 64, min_history: int = 4):
+        self.factor, self.window, self.min_history = factor, window, min_history
+        self.recent: list[float] = []
+        self.count = 0
+
+    @property
+    def baseline(self) -> float | None:
+        return statistics.median(self.recent) if self.recent else None
 
     def __call__(self, loss: float) -> bool:
-        spike = bool(self.ema is not None and math.isfinite(loss) and loss > self.factor * self.ema)
+        if not math.isfinite(loss):
+            return False
+        spike = len(self.recent) >= self.min_history and loss > self.factor * self.baseline
         self.count += spike
-        if math.isfinite(loss) and not spike:
-            self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+        self.recent = [*self.recent, loss][-self.window:]
         return spike
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spikes": self.count, "loss_window": list(self.recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """From a checkpoint's trainer state (one written before the window was kept has its EMA instead)."""
+        self.count = state.get("spikes", 0)
+        window = state.get("loss_window")
+        if window is None and state.get("loss_ema") is not None:
+            window = [state["loss_ema"]] * self.min_history
+        self.recent = list(window or [])[-self.window:]
 
 
 class RunLogger:

@@ -87,6 +87,10 @@ class Trainer:
                                    cfg.data.seq_len, cfg.model.intra_doc_attention)
         self.spikes = SpikeDetector(t.spike_factor)
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
+        # Finite steps still needed after a non-finite one before a checkpoint is written again; the first
+        # step of the current (or last) streak.
+        self.recovering, self.streak_start = 0, 0
+        self.lock = ckpt_lib.RunLock(self.run_dir)  # taken by from_config, released when train() ends
         self.start_mode = f"random initialisation of preset {cfg.model.preset!r} (seed {t.seed})"
         self._stop_signal: int | None = None
         self.step_sums: StepSums | None = None  # the last step's device-side sums
@@ -95,17 +99,26 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Trainer:
         rt = setup_runtime(cfg)
-        tokenizer, dataset = prepare_data(cfg, rt)
-        config = model_config(cfg)
-        check_token_ids(tokenizer, dataset, config.vocab_size)
-        target = ckpt_lib.Checkpointer(Path(cfg.run_dir), cfg.checkpoint).resume_target(cfg.resume)
-        scratch = target is None and not cfg.init_from
-        model = build_training_model(cfg, rt, config, seed=cfg.training.seed if scratch else None)
-        trainer = cls(cfg, rt, tokenizer, dataset, model, build_optimizer(model, cfg.optimizer, rt.device))
-        if target is not None:
-            trainer.resume(target)
-        elif cfg.init_from:
-            trainer.init_from(Path(cfg.init_from))
+        lock = ckpt_lib.RunLock(Path(cfg.run_dir))
+        notes = [lock.acquire_on_rank0(rt.device)]  # one training per run_dir
+        try:
+            tokenizer, dataset = prepare_data(cfg, rt)
+            config = model_config(cfg)
+            check_token_ids(tokenizer, dataset, config.vocab_size)
+            target, note = ckpt_lib.start_target(Path(cfg.run_dir), cfg.checkpoint, cfg.resume, cfg.optimizer.lr)
+            scratch = target is None and not cfg.init_from
+            model = build_training_model(cfg, rt, config, seed=cfg.training.seed if scratch else None)
+            trainer = cls(cfg, rt, tokenizer, dataset, model, build_optimizer(model, cfg.optimizer, rt.device))
+            trainer.lock = lock
+            for line in [*notes, note] if rt.is_main else ():
+                console(line) if line else None
+            if target is not None:
+                trainer.resume(target)
+            elif cfg.init_from:
+                trainer.init_from(Path(cfg.init_from))
+        except BaseException:
+            lock.release()
+            raise
         return trainer
 
     # ---- start: resume or init_from -----------------------------------------------------------------------
@@ -120,11 +133,15 @@ class Trainer:
         if self.rt.is_main:  # resuming before the latest checkpoint abandons the later ones: move them aside
             for d in ckpt_lib.set_aside_later(self.checkpointer.root, saved["step"]):
                 console(f"moved {d.name} to {d.parent}: it follows the checkpoint this run resumes from")
+            for d in self.checkpointer.prune():  # retention again, in case a run died between save and prune
+                console(f"deleted {d.name}: beyond checkpoint.keep_last / keep_every")
         pdist.barrier()
         state = ckpt_lib.load_checkpoint(target, self.model, self.optimizer)
         self.loader.load_state_dict(state["data"], new_stage=self.cfg.data.new_stage)
         self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
-        self.spikes.count, self.spikes.ema = state.get("spikes", 0), state.get("loss_ema")
+        self.nonfinite_in_a_row, self.recovering = state.get("nonfinite_in_a_row", 0), state.get("recovering", 0)
+        self.streak_start = state.get("streak_start", 0)
+        self.spikes.load_state_dict(state)
         self.final_validation = state.get("validation")
         self.start_mode = f"resumed from {target} at step {self.step}"
 
@@ -177,10 +194,9 @@ class Trainer:
                 group["lr"] = lr
             self.optimizer.step()
             self._update_router_bias(sums)
-        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
-        self.nonfinite_total += not finite
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._count_nonfinite(finite)
         self.step_sums = sums
         if signum and self._stop_signal is None:
             self._stop_signal = int(signum)
@@ -188,6 +204,18 @@ class Trainer:
         return {"step": self.step, "loss": ce, "lb_loss": lb / per_pass, "z_loss": z / per_pass, "lr": lr,
                 "grad_norm": gnorm, "tokens": self.tokens_per_step, "skipped": not finite,
                 "samples_consumed": self.loader.state.samples_consumed, "spike": self.spikes(ce)}
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        """The streak counters; a streak's first step protects the newest checkpoint before it from pruning."""
+        if finite:
+            self.nonfinite_in_a_row, self.recovering = 0, max(self.recovering - 1, 0)
+            return
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.recovering = self.cfg.checkpoint.recovery_steps
+        if self.nonfinite_in_a_row == 1:
+            self.streak_start = self.step
+            self.checkpointer.protect_before(self.step)
 
     def _update_router_bias(self, sums: StepSums) -> None:
         """Aux-loss-free balancing: move each router's selection bias by the step's global expert load."""
@@ -218,7 +246,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        cfg, steps = self.cfg, self.cfg.training.steps
+        steps = self.cfg.training.steps
         log = self._open_log()
         reason, last = "finished", {}
         with self._signals():
@@ -234,17 +262,34 @@ class Trainer:
                     elif val:
                         log.metrics.log({"step": self.step, **val})
                     last = record
-                    if self.nonfinite_in_a_row >= cfg.training.max_nonfinite_in_a_row:
-                        reason = f"{self.nonfinite_in_a_row} non-finite steps in a row"
+                    if stop := self._stop_reason():
+                        reason = stop
                         break
-                    if self._stop_signal is not None:
-                        reason = f"signal {signal.Signals(self._stop_signal).name}"
-                        break
-                    if self.checkpointer.due(self.step, is_last):
+                    if self.checkpointer.due(self.step, is_last) and self._may_save():
                         self.save()
                 return self._finish(reason, last, log)
             finally:
                 log.close()
+                self.lock.release()
+
+    def _stop_reason(self) -> str:
+        if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_in_a_row:
+            return f"{self.nonfinite_in_a_row} non-finite steps in a row"
+        if self._stop_signal is not None:
+            return f"signal {signal.Signals(self._stop_signal).name}"
+        return ""
+
+    def _may_save(self) -> bool:
+        """No checkpoint during a non-finite streak, nor until checkpoint.recovery_steps finite steps follow
+        it: a checkpoint written then may hold diverged weights and push a good one out of the retention."""
+        if self.nonfinite_in_a_row == 0 and self.recovering == 0:
+            return True
+        if self.rt.is_main:
+            why = (f"in a non-finite streak since step {self.streak_start}" if self.nonfinite_in_a_row
+                   else f"{self.recovering} more finite step(s) needed after the non-finite streak of step "
+                        f"{self.streak_start}")
+            console(f"step {self.step}: no checkpoint written ({why})")
+        return False
 
     def _validation_due(self, is_last: bool) -> bool:
         interval = self.cfg.logging.val_interval
@@ -256,7 +301,7 @@ class Trainer:
             out.append(f"step {self.step}: non-finite loss or gradient; step skipped "
                        f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)")
         if record["spike"]:
-            out.append(f"step {self.step}: loss spike {record['loss']:.3f} (running mean {self.spikes.ema:.3f})")
+            out.append(f"step {self.step}: loss spike {record['loss']:.3f} (recent median {self.spikes.baseline:.3f})")
         return out
 
     def _peak_memory(self) -> float | None:
@@ -269,6 +314,7 @@ class Trainer:
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            ckpt_lib.clear_stop_record(self.run_dir)  # this run starts as its start message said
             for line in self._header():
                 console(line)
         metrics = MetricsLogger(self.run_dir, self.rt.is_main, resume_step=self.step,
@@ -308,12 +354,10 @@ class Trainer:
     def _finish(self, reason: str, last: dict[str, Any], log: RunLogger) -> dict[str, Any]:
         # A run restarted after it had finished has its last checkpoint, with the final validation in it.
         path = self.checkpointer.existing(self.step)
+        if reason == "finished" and self.nonfinite_in_a_row:  # its last weights are those of a diverged run
+            reason = f"ended with {self.nonfinite_in_a_row} non-finite steps in a row"
         if reason != "finished":
-            path = path or self.save()
-            if self.rt.is_main:
-                console(f"stopped at step {self.step} ({reason}); checkpoint saved to {path}; "
-                        "run the same command again to resume")
-            return {"reason": reason, "step": self.step, "checkpoint": str(path), "last": last}
+            return self._stop_early(reason, last, path)
         val = self.final_validation if path is not None and self.final_validation is not None else None
         if val is None:
             val = self.validator(self.model)
@@ -331,9 +375,34 @@ class Trainer:
                 console(f"exported a Hugging Face model to {result['export']}")
         return result
 
+    def _stop_early(self, reason: str, last: dict[str, Any], path: Path | None) -> dict[str, Any]:
+        """A signal: a checkpoint (unless the weights may have diverged), then resume with the same command. A
+        non-finite stop: no checkpoint, and a record of it that the next run reads (`start_target`)."""
+        healthy = self.nonfinite_in_a_row == 0 and self.recovering == 0
+        if path is None and healthy:
+            path = self.save()
+        result = {"reason": reason, "step": self.step, "checkpoint": str(path) if path else None, "last": last}
+        if healthy:
+            console(f"stopped at step {self.step} ({reason}); checkpoint saved to {path}; "
+                    "run the same command again to resume") if self.rt.is_main else None
+            return result
+        good = ckpt_lib.newest_valid_checkpoint(self.checkpointer.root)
+        good = good if good is not None and int(good.name.split("_")[1]) < self.streak_start else None
+        if "non-finite steps in a row" in reason and self.rt.is_main:
+            stop = ckpt_lib.StopRecord(self.step, self.streak_start, self.nonfinite_in_a_row,
+                                       str(good or ""), self.cfg.optimizer.lr)
+            ckpt_lib.write_stop_record(self.run_dir, stop)
+            console(f"stopped at step {self.step} ({reason}): {stop.describe()}. {stop.way_back()}")
+        elif self.rt.is_main:
+            console(f"stopped at step {self.step} ({reason}) without a checkpoint: the run is in or just after a "
+                    f"non-finite streak (step {self.streak_start}); the latest good checkpoint is {good}")
+        result["checkpoint"] = str(good) if good else None
+        return result
+
     def save(self) -> Path:
         state = {"data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total,
-                 "spikes": self.spikes.count, "loss_ema": self.spikes.ema, "world_size": self.rt.world,
+                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "recovering": self.recovering,
+                 "streak_start": self.streak_start, **self.spikes.state_dict(), "world_size": self.rt.world,
                  "tokenizer": self.tokenizer.path, "model_type": family_of(self.model_config).model_type,
                  "model_config": dataclasses.asdict(self.model_config), "validation": self.final_validation}
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
