@@ -254,3 +254,25 @@ def test_a_full_disk_is_reported_with_the_device_and_path_and_the_tmp_removed(ki
         train(tiny_config("--training.steps=8"))
     assert not (run / "checkpoints" / "step_00000008.tmp").exists()
     assert steps_saved(run) == [4] and not (run / ckpt_lib.LOCK_FILE).exists()
+
+
+# ---- metrics.jsonl -------------------------------------------------------------------------------------------
+def test_a_torn_last_metrics_line_is_dropped_for_resume_and_plot(tiny_config, tmp_path):
+    from moecpt.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_config("--training.steps=4", "--checkpoint.interval=2"))
+    trace = losses(run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 10.1, "lb_lo')  # the crash came mid-write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:\d+: dropped a torn last line"):
+        assert losses(run) == trace
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert main(["plot", str(run)]) == 0
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(tiny_config("--training.steps=6", "--checkpoint.interval=2"))
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]  # no warning now: the resumed run rewrote the file
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2] + ['{"step": 3, "lo'] + lines[3:]) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl:3: not a JSON record .*delete that line"):
+        read_metrics(run)

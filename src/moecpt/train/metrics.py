@@ -8,8 +8,11 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+from moecpt.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,11 +54,25 @@ def format_duration(seconds: float) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/metrics.jsonl. A torn last line (a crash mid-write) is dropped with a warning;
+    an unreadable line before the last is an error that names it."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw.decode("utf-8")))
+        except ValueError as e:
+            if any(rest.strip() for rest in lines[lineno:]):
+                raise UserError(f"{path}:{lineno}: not a JSON record ({e}); the file is damaged before its last "
+                                "line: delete that line (the step it held is lost from the metrics)") from None
+            warnings.warn(f"{path}:{lineno}: dropped a torn last line (a crash while it was written)",
+                          stacklevel=2)
+    return records
 
 
 class MetricsLogger:
