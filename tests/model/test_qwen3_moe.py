@@ -307,7 +307,7 @@ def test_exported_config_is_read_by_transformers_as_written(name):
 @pytest.mark.parametrize("change, field", [
     ({"num_experts_per_tok": 9, "num_experts": 8}, "num_experts_per_tok"),
     ({"mlp_only_layers": [0, 7]}, "mlp_only_layers"),
-    ({"mlp_only_layers": [0, 1, 2, 3]}, "no layer is a MoE layer"),
+    ({"mlp_only_layers": [0, 1, 2, 3]}, "leave no MoE layer"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"moe_intermediate_size": 0}, "moe_intermediate_size"),

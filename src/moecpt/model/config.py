@@ -56,11 +56,24 @@ class FamilyConfig:
     @classmethod
     def hf_kwargs(cls, d: dict[str, Any], source: str) -> dict[str, Any]:
         """The dataclass fields of a `config.json` dict: model_type checked, the default RoPE's theta read from
-        rope_parameters / rope_scaling, the first of several token ids, required keys present."""
+        rope_parameters / rope_scaling, the first of several token ids, transformers 5's `num_local_experts`
+        spelling, a missing `num_key_value_heads` (= the heads), required keys present."""
         model_type = d.get("model_type")
         if model_type not in (None, cls.model_type):
             raise UserError(f"{source}: model_type is {model_type!r}, not {cls.model_type!r}")
         d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)} - set(MOECPT_FIELDS)
+        if d.get("attention_dropout"):
+            raise UserError(f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0")
+        if "num_experts" in names and "num_experts" not in d and "num_local_experts" in d:
+            d["num_experts"] = d["num_local_experts"]
+        heads = d.get("num_attention_heads")
+        if d.get("num_key_value_heads") is None and heads:
+            d["num_key_value_heads"] = heads
+        if "head_dim" not in names and d.get("head_dim") is not None and heads \
+                and d["head_dim"] != d.get("hidden_size", 0) // heads:
+            raise UserError(f"{source}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads; "
+                            f"transformers' {cls.model_type} has no separate head size")
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
         if rope:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -73,14 +86,52 @@ class FamilyConfig:
         missing = [k for k in cls.required if k not in d]
         if missing:
             raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
-        names = {f.name for f in dataclasses.fields(cls)} - set(MOECPT_FIELDS)
         return {k: v for k, v in d.items() if k in names}
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) reads as this family's model."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in MOECPT_FIELDS}
         return d | {"architectures": [self.architecture], "model_type": self.model_type, "torch_dtype": dtype,
-                    "use_cache": True, "output_router_logits": False} | self.hf_extras
+                    "use_cache": True, "output_router_logits": False,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}} | self.hf_extras
+
+    # ---- what generic code reads, and the checks every family makes -------------------------------------
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+    @property
+    def attn_head_dim(self) -> int:
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    def router_options(self) -> dict[str, Any]:
+        """The `Router` settings of this config: renormalised top-k or not, and a selection bias when
+        aux-loss-free balancing is on."""
+        return {"norm_topk": getattr(self, "norm_topk_prob", True), "bias": self.router_bias_update_rate > 0}
+
+    def shape_problems(self, positive: tuple[str, ...]) -> list[str]:
+        """The checks every family makes: `positive` fields, heads divisible by kv heads, a whole even head
+        size, no more experts per token than experts, SiLU experts."""
+        problems = [f"{n} must be positive, got {getattr(self, n)}" for n in positive if int(getattr(self, n)) <= 0]
+        heads, kv = max(self.num_attention_heads, 1), max(self.num_key_value_heads, 1)
+        if heads % kv:
+            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                            f"num_key_value_heads ({self.num_key_value_heads})")
+        head_dim = getattr(self, "head_dim", None)
+        if head_dim is None and (self.hidden_size % heads or (self.hidden_size // heads) % 2):
+            problems.append(f"hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_attention_heads}) "
+                            "must be a whole, even head size; set head_dim explicitly where the family has one")
+        elif head_dim is not None and (head_dim <= 0 or head_dim % 2):
+            problems.append(f"head_dim must be a positive even number, got {head_dim}")
+        if self.top_k > self.n_experts:
+            problems.append(f"num_experts_per_tok ({self.top_k}) exceeds the number of experts ({self.n_experts})")
+        if getattr(self, "hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported (the experts are SiLU-gated)")
+        return problems + self.router_problems()
+
+    def raise_problems(self, problems: list[str]) -> None:
+        if problems:
+            raise UserError(f"invalid {self.model_type} model config: " + "; ".join(problems))
 
     def router_problems(self) -> list[str]:
         problems = []
@@ -89,6 +140,27 @@ class FamilyConfig:
                             f"{', '.join(BALANCE_SCOPES)}")
         if self.router_bias_update_rate < 0 or self.router_z_loss_coef < 0:
             problems.append("router_bias_update_rate and router_z_loss_coef must be >= 0")
+        return problems
+
+
+class DenseLayers:
+    """For families whose `mlp_only_layers` and `decoder_sparse_step` make some layers dense (transformers'
+    rule: layer i is a MoE layer unless listed, when (i + 1) is a multiple of the step)."""
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        """The indices of the MoE layers; the others are dense MLP layers."""
+        return [i for i in range(self.num_hidden_layers)
+                if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0]
+
+    def dense_layer_problems(self) -> list[str]:
+        problems = []
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if outside:
+            problems.append(f"mlp_only_layers {outside} are not layer indices 0..{self.num_hidden_layers - 1}")
+        if self.num_hidden_layers > 0 and self.decoder_sparse_step > 0 and not self.sparse_layers:
+            problems.append("mlp_only_layers and decoder_sparse_step leave no MoE layer; moecpt trains "
+                            "mixture-of-experts models")
         return problems
 
 
@@ -122,37 +194,13 @@ class MixtralConfig(FamilyConfig):
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts_per_tok"):
-            if int(getattr(self, name)) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_attention_heads % max(self.num_key_value_heads, 1):
-            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                            f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim is None and self.hidden_size % max(self.num_attention_heads, 1):
-            problems.append(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                            f"({self.num_attention_heads}); set head_dim explicitly")
-        if self.num_experts_per_tok > self.num_local_experts:
-            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_local_experts "
-                            f"({self.num_local_experts})")
-        if self.hidden_act != "silu":
-            problems.append(f"hidden_act {self.hidden_act!r} is not supported (Mixtral uses 'silu')")
-        problems += self.router_problems()
-        if problems:
-            raise UserError("invalid model config: " + "; ".join(problems))
-
-    @property
-    def attn_head_dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        self.raise_problems(self.shape_problems((
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_local_experts", "num_experts_per_tok")))
 
     @property
     def n_experts(self) -> int:
         return self.num_local_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.num_experts_per_tok
 
     @property
     def expert_ffn(self) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from moecpt.errors import UserError
 from moecpt.model.adapter import StateDictAdapter
 from moecpt.model.base import CausalLM
 from moecpt.model.config import FamilyConfig
@@ -58,72 +57,26 @@ class OlmoeConfig(FamilyConfig):
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        problems = [f"{name} must be positive, got {getattr(self, name)}"
-                    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                 "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok")
-                    if int(getattr(self, name)) <= 0]
-        if self.num_attention_heads % max(self.num_key_value_heads, 1):
-            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                            f"num_key_value_heads ({self.num_key_value_heads})")
-        heads = max(self.num_attention_heads, 1)
-        if self.hidden_size % heads or (self.hidden_size // heads) % 2:
-            problems.append(f"hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_attention_heads}) "
-                            "must be a whole, even head size")
-        if self.num_experts_per_tok > self.num_experts:
-            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
-                            f"({self.num_experts})")
-        if self.clip_qkv is not None and not self.clip_qkv > 0:
-            problems.append(f"clip_qkv must be positive or null, got {self.clip_qkv}")
-        if self.hidden_act != "silu":
-            problems.append(f"hidden_act {self.hidden_act!r} is not supported (OLMoE uses 'silu')")
-        problems += self.router_problems()
-        if problems:
-            raise UserError("invalid olmoe model config: " + "; ".join(problems))
-
-    @property
-    def attn_head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        clip = [] if self.clip_qkv is None or self.clip_qkv > 0 else [f"clip_qkv must be positive or null, got "
+                                                                       f"{self.clip_qkv}"]
+        self.raise_problems(self.shape_problems((
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_experts", "num_experts_per_tok")) + clip)
 
     @property
     def n_experts(self) -> int:
         return self.num_experts
 
     @property
-    def top_k(self) -> int:
-        return self.num_experts_per_tok
-
-    @property
     def expert_ffn(self) -> int:
         return self.intermediate_size
-
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> OlmoeConfig:
-        d = dict(d)
-        if "num_experts" not in d and "num_local_experts" in d:  # transformers' attribute_map spelling
-            d["num_experts"] = d["num_local_experts"]
-        if d.get("attention_dropout"):
-            raise UserError(f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0")
-        heads = d.get("num_attention_heads")
-        if d.get("head_dim") is not None and heads and d["head_dim"] != d.get("hidden_size", 0) // heads:
-            raise UserError(f"{source}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads; "
-                            "transformers' OLMoE has no separate head size")
-        if d.get("num_key_value_heads") is None and heads:
-            d["num_key_value_heads"] = heads
-        return cls(**cls.hf_kwargs(d, source))
-
-    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """config.json for transformers 4.x (rope_theta) and 5.x (rope_parameters)."""
-        d = super().to_hf_dict(dtype)
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        return d
 
 
 def olmoe_layer(c: OlmoeConfig, i: int) -> DecoderLayer:
     attention = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.attn_head_dim, i,
                           qkv_bias=c.attention_bias, o_bias=c.attention_bias, qk_norm="full",
                           norm_eps=c.rms_norm_eps, clip_qkv=c.clip_qkv)
-    router = {"norm_topk": c.norm_topk_prob, "bias": c.router_bias_update_rate > 0}
-    moe = SparseMoeBlock(c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok, router)
+    moe = SparseMoeBlock(c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok, c.router_options())
     return DecoderLayer(c.hidden_size, c.rms_norm_eps, attention, moe, sparse=True)
 
 
@@ -134,10 +87,7 @@ class OlmoeForCausalLM(CausalLM):
 
 
 class OlmoeAdapter(StateDictAdapter):
-    model_cls = OlmoeForCausalLM
-    hub_router = "mlp.gate"
-    hub_expert = "mlp.experts.{j}."
-    hub_projections = ("gate_proj", "up_proj", "down_proj")
+    model_cls = OlmoeForCausalLM  # the hub layout's names are the adapter's defaults
 
 
 OlmoeForCausalLM.adapter_cls = OlmoeAdapter

@@ -23,10 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from moecpt.errors import UserError
 from moecpt.model.adapter import StateDictAdapter
 from moecpt.model.base import CausalLM
-from moecpt.model.config import FamilyConfig
+from moecpt.model.config import DenseLayers, FamilyConfig
 from moecpt.model.layers import Attention, DecoderLayer
 from moecpt.model.moe import DenseMLP, SparseMoeBlock
 
@@ -34,7 +33,7 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
-class Qwen2MoeConfig(FamilyConfig):
+class Qwen2MoeConfig(DenseLayers, FamilyConfig):
     """The fields of transformers' Qwen2MoeConfig, with its defaults."""
 
     model_type: ClassVar[str] = "qwen2_moe"
@@ -75,38 +74,14 @@ class Qwen2MoeConfig(FamilyConfig):
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers or ()))
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        problems = self._shape_problems() + self._layer_problems() + self.router_problems()
-        if problems:
-            raise UserError("invalid qwen2_moe model config: " + "; ".join(problems))
+        self.raise_problems(self.shape_problems((
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "num_experts", "num_experts_per_tok", "decoder_sparse_step")) + self.dense_layer_problems()
+            + self._window_problems())
 
-    def _shape_problems(self) -> list[str]:
-        problems = [f"{name} must be positive, got {getattr(self, name)}"
-                    for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                                 "shared_expert_intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                 "num_key_value_heads", "num_experts", "num_experts_per_tok", "decoder_sparse_step")
-                    if int(getattr(self, name)) <= 0]
-        if self.num_attention_heads % max(self.num_key_value_heads, 1):
-            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                            f"num_key_value_heads ({self.num_key_value_heads})")
-        heads = max(self.num_attention_heads, 1)
-        if self.hidden_size % heads or (self.hidden_size // heads) % 2:
-            problems.append(f"hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_attention_heads}) "
-                            "must be a whole, even head size")
-        if self.num_experts_per_tok > self.num_experts:
-            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
-                            f"({self.num_experts})")
-        if self.hidden_act != "silu":
-            problems.append(f"hidden_act {self.hidden_act!r} is not supported (Qwen2-MoE uses 'silu')")
-        return problems
-
-    def _layer_problems(self) -> list[str]:
+    def _window_problems(self) -> list[str]:
         problems = []
-        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
-        if outside:
-            problems.append(f"mlp_only_layers {outside} are not layer indices 0..{self.num_hidden_layers - 1}")
-        if self.num_hidden_layers > 0 and self.decoder_sparse_step > 0 and not self.sparse_layers:
-            problems.append("mlp_only_layers and decoder_sparse_step leave no MoE layer; moecpt trains "
-                            "mixture-of-experts models")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
                 problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} "
@@ -122,12 +97,6 @@ class Qwen2MoeConfig(FamilyConfig):
         return problems
 
     @property
-    def sparse_layers(self) -> list[int]:
-        """The indices of the MoE layers (transformers' rule); the others are dense MLP layers."""
-        return [i for i in range(self.num_hidden_layers)
-                if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0]
-
-    @property
     def attention_types(self) -> tuple[str, ...]:
         """Each layer's attention: `layer_types`, or transformers 5's default (with use_sliding_window, the
         even-indexed layers below max_window_layers slide)."""
@@ -141,16 +110,8 @@ class Qwen2MoeConfig(FamilyConfig):
         return self.sliding_window if self.attention_types[layer] == "sliding_attention" else None
 
     @property
-    def attn_head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def n_experts(self) -> int:
         return self.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.num_experts_per_tok
 
     @property
     def expert_ffn(self) -> int:
@@ -159,14 +120,6 @@ class Qwen2MoeConfig(FamilyConfig):
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> Qwen2MoeConfig:
         d = dict(d)
-        if d.get("attention_dropout"):
-            raise UserError(f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0")
-        heads = d.get("num_attention_heads")
-        if d.get("head_dim") is not None and heads and d["head_dim"] != d.get("hidden_size", 0) // heads:
-            raise UserError(f"{source}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads; "
-                            "transformers' Qwen2-MoE has no separate head size")
-        if d.get("num_key_value_heads") is None and heads:
-            d["num_key_value_heads"] = heads
         if not d.get("use_sliding_window") and not d.get("sliding_window"):
             d.pop("sliding_window", None)  # transformers writes 0 (5.x) or null when the window is off
         if d.get("mlp_only_layers") is None:
@@ -179,7 +132,6 @@ class Qwen2MoeConfig(FamilyConfig):
         d = super().to_hf_dict(dtype)
         d["mlp_only_layers"] = list(self.mlp_only_layers)
         d["layer_types"] = list(self.attention_types)
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         return d
 
 
@@ -189,8 +141,7 @@ def qwen2_moe_layer(c: Qwen2MoeConfig, i: int) -> DecoderLayer:
     if i not in c.sparse_layers:
         dense = DenseMLP(c.hidden_size, c.intermediate_size)
         return DecoderLayer(c.hidden_size, c.rms_norm_eps, attention, dense, sparse=False)
-    router = {"norm_topk": c.norm_topk_prob, "bias": c.router_bias_update_rate > 0}
-    moe = SparseMoeBlock(c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, router,
+    moe = SparseMoeBlock(c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.router_options(),
                          shared_ffn=c.shared_expert_intermediate_size, shared_gate=True)
     return DecoderLayer(c.hidden_size, c.rms_norm_eps, attention, moe, sparse=True)
 
@@ -202,10 +153,7 @@ class Qwen2MoeForCausalLM(CausalLM):
 
 
 class Qwen2MoeAdapter(StateDictAdapter):
-    model_cls = Qwen2MoeForCausalLM
-    hub_router = "mlp.gate"
-    hub_expert = "mlp.experts.{j}."
-    hub_projections = ("gate_proj", "up_proj", "down_proj")
+    model_cls = Qwen2MoeForCausalLM  # the hub layout's names are the adapter's defaults
 
 
 Qwen2MoeForCausalLM.adapter_cls = Qwen2MoeAdapter

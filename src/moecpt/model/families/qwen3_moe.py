@@ -19,16 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from moecpt.errors import UserError
 from moecpt.model.adapter import StateDictAdapter
 from moecpt.model.base import CausalLM
-from moecpt.model.config import FamilyConfig
+from moecpt.model.config import DenseLayers, FamilyConfig
 from moecpt.model.layers import Attention, DecoderLayer
 from moecpt.model.moe import DenseMLP, SparseMoeBlock
 
 
 @dataclass(frozen=True)
-class Qwen3MoeConfig(FamilyConfig):
+class Qwen3MoeConfig(DenseLayers, FamilyConfig):
     """The fields of transformers' Qwen3MoeConfig, with its defaults (`num_experts` spelled as the hub
     configs spell it; transformers 5 writes it as `num_local_experts`, which is read too)."""
 
@@ -71,39 +70,13 @@ class Qwen3MoeConfig(FamilyConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in (self.mlp_only_layers or ())))
-        problems = self._shape_problems() + self._layer_problems() + self.router_problems()
-        if problems:
-            raise UserError("invalid qwen3_moe model config: " + "; ".join(problems))
+        self.raise_problems(self.shape_problems((
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok", "decoder_sparse_step",
+            "max_position_embeddings")) + self.dense_layer_problems() + self._window_problems())
 
-    def _shape_problems(self) -> list[str]:
-        problems = [f"{name} must be positive, got {getattr(self, name)}"
-                    for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "num_experts",
-                                 "num_experts_per_tok", "decoder_sparse_step", "max_position_embeddings")
-                    if int(getattr(self, name)) <= 0]
-        if self.num_attention_heads % max(self.num_key_value_heads, 1):
-            problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                            f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim is None and self.hidden_size % max(self.num_attention_heads, 1):
-            problems.append(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                            f"({self.num_attention_heads}); set head_dim explicitly")
-        if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
-            problems.append(f"head_dim must be a positive even number, got {self.head_dim}")
-        if self.num_experts_per_tok > self.num_experts:
-            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
-                            f"({self.num_experts})")
-        if self.hidden_act != "silu":
-            problems.append(f"hidden_act {self.hidden_act!r} is not supported (Qwen3-MoE uses 'silu')")
-        return problems
-
-    def _layer_problems(self) -> list[str]:
+    def _window_problems(self) -> list[str]:
         problems = []
-        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
-        if outside:
-            problems.append(f"mlp_only_layers {list(outside)} are not layer indices 0..{self.num_hidden_layers - 1}")
-        if self.num_hidden_layers > 0 and self.decoder_sparse_step > 0 and not self.sparse_layers:
-            problems.append("no layer is a MoE layer (mlp_only_layers and decoder_sparse_step leave none); "
-                            "moecpt trains mixture-of-experts models")
         if self.use_sliding_window:
             if self.sliding_window is None or self.sliding_window <= 0:
                 problems.append(f"use_sliding_window needs a positive sliding_window, got {self.sliding_window}")
@@ -115,27 +88,13 @@ class Qwen3MoeConfig(FamilyConfig):
         return problems
 
     @property
-    def sparse_layers(self) -> list[int]:
-        """The indices of the MoE layers (transformers' rule); the others are dense MLP layers."""
-        return [i for i in range(self.num_hidden_layers)
-                if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0]
-
-    @property
     def window(self) -> int | None:
         """The attention window of every layer (None: full causal attention)."""
         return self.sliding_window if self.use_sliding_window else None
 
     @property
-    def attn_head_dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
     def n_experts(self) -> int:
         return self.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.num_experts_per_tok
 
     @property
     def expert_ffn(self) -> int:
@@ -144,12 +103,8 @@ class Qwen3MoeConfig(FamilyConfig):
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> Qwen3MoeConfig:
         d = dict(d)
-        if "num_experts" not in d and "num_local_experts" in d:  # transformers 5's attribute_map spelling
-            d["num_experts"] = d["num_local_experts"]
         if d.get("use_sliding_window") and "sliding_window" not in d:
             d["sliding_window"] = 4096  # transformers' default window
-        if d.get("attention_dropout"):
-            raise UserError(f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0")
         return cls(**cls.hf_kwargs(d, source))
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
@@ -159,7 +114,6 @@ class Qwen3MoeConfig(FamilyConfig):
         d["head_dim"] = self.attn_head_dim
         d["mlp_only_layers"] = list(self.mlp_only_layers)
         d["sliding_window"] = self.window
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.max_window_layers is None:
             del d["max_window_layers"]
         return d
@@ -172,8 +126,8 @@ def qwen3_moe_layer(c: Qwen3MoeConfig, i: int) -> DecoderLayer:
     if i not in c.sparse_layers:
         return DecoderLayer(c.hidden_size, c.rms_norm_eps, attention, DenseMLP(c.hidden_size, c.intermediate_size),
                             sparse=False)
-    router = {"norm_topk": c.norm_topk_prob, "bias": c.router_bias_update_rate > 0}
-    moe = SparseMoeBlock(c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, router)
+    moe = SparseMoeBlock(c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok,
+                         c.router_options())
     return DecoderLayer(c.hidden_size, c.rms_norm_eps, attention, moe, sparse=True)
 
 
@@ -184,10 +138,7 @@ class Qwen3MoeForCausalLM(CausalLM):
 
 
 class Qwen3MoeAdapter(StateDictAdapter):
-    model_cls = Qwen3MoeForCausalLM
-    hub_router = "mlp.gate"
-    hub_expert = "mlp.experts.{j}."
-    hub_projections = ("gate_proj", "up_proj", "down_proj")
+    model_cls = Qwen3MoeForCausalLM  # the hub layout's names are the adapter's defaults
 
 
 Qwen3MoeForCausalLM.adapter_cls = Qwen3MoeAdapter
