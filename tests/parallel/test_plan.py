@@ -9,8 +9,9 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from moecpt.cli import main
-from moecpt.model import MixtralForCausalLM
+from moecpt.model import MixtralForCausalLM, build_model
 from moecpt.model.config import MixtralConfig
+from moecpt.model.families import preset_config
 from moecpt.model.layers import rope_cos_sin
 from moecpt.parallel.plan import (
     Layout,
@@ -23,12 +24,12 @@ from moecpt.parallel.plan import (
 from .conftest import REPO
 
 
-def saved_bytes_per_token(c: MixtralConfig, dtype: torch.dtype, batch: int = 2, seq: int = 64) -> float:
+def saved_bytes_per_token(c, dtype: torch.dtype, layer_index: int = 0, batch: int = 2, seq: int = 64) -> float:
     """Bytes of the distinct tensors autograd saves in one decoder layer's forward, per token (weights and
     the layer input excluded)."""
     torch.manual_seed(0)
-    model = MixtralForCausalLM(c).to(dtype)
-    layer = model.layers[0]
+    model = build_model(c, "cpu").to(dtype)
+    layer = model.layers[layer_index]
     x = torch.randn(batch, seq, c.hidden_size, dtype=dtype, requires_grad=True)
     cos, sin = rope_cos_sin(torch.arange(seq).expand(batch, seq), c.attn_head_dim, c.rope_theta)
     storages: dict[int, int] = {}
@@ -43,20 +44,32 @@ def saved_bytes_per_token(c: MixtralConfig, dtype: torch.dtype, batch: int = 2, 
     return sum(n for ptr, n in storages.items() if ptr not in skip) / (batch * seq)
 
 
-SHAPES = [  # none of these is one the coefficients were counted on
-    dict(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=3,
-         num_local_experts=6, num_experts_per_tok=2),
-    dict(hidden_size=128, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
-         num_local_experts=8, num_experts_per_tok=3),
-]
+SMALL = dict(vocab_size=512, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+SHAPES = {  # none of these is one the coefficients were counted on
+    "mixtral": ("tiny", dict(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=3,
+                             num_local_experts=6, num_experts_per_tok=2, num_hidden_layers=1), 0),
+    "mixtral wide q": ("tiny", dict(hidden_size=128, intermediate_size=96, num_attention_heads=8, head_dim=24,
+                                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=3,
+                                    num_hidden_layers=1), 0),
+    "qwen3 moe + qk-norm": ("qwen3-moe-tiny", dict(SMALL, intermediate_size=200, moe_intermediate_size=120,
+                                                   head_dim=24, num_experts=8, num_experts_per_tok=3,
+                                                   num_hidden_layers=2, mlp_only_layers=(0,)), 1),
+    "qwen3 dense": ("qwen3-moe-tiny", dict(SMALL, intermediate_size=200, moe_intermediate_size=120, head_dim=24,
+                                           num_experts=8, num_experts_per_tok=3, num_hidden_layers=2,
+                                           mlp_only_layers=(0,)), 0),
+    "qwen2 shared expert": ("qwen2-moe-tiny", dict(SMALL, intermediate_size=200, moe_intermediate_size=120,
+                                                   shared_expert_intermediate_size=176, num_experts=6,
+                                                   num_experts_per_tok=2, num_hidden_layers=1, mlp_only_layers=()), 0),
+}
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_estimate_matches_saved_tensors(shape, dtype):
-    c = MixtralConfig(vocab_size=512, num_hidden_layers=1, **shape)
-    measured = saved_bytes_per_token(c, dtype)
-    estimate = activation_bytes_per_token_layer(c, 4 if dtype == torch.float32 else 2)
+    preset, fields, layer = SHAPES[shape]
+    c = preset_config(preset, **fields)
+    measured = saved_bytes_per_token(c, dtype, layer)
+    estimate = activation_bytes_per_token_layer(c, 4 if dtype == torch.float32 else 2)[layer]
     assert estimate == pytest.approx(measured, rel=0.03)
 
 

@@ -12,12 +12,17 @@ Formulas (N GPUs, ep expert-parallel size, P parameters, a = bytes of the comput
   unsharded gradients (a + 4 bytes per parameter). Without `reshard_after_forward` every block stays gathered
   (a * all blocks); with `accumulate_unsharded` the unsharded gradients of the whole model stay too (4 B each).
 * Activations per token and layer: the bytes autograd saves in `moecpt.model` (counted, and re-checked by
-  `tests/parallel/test_plan.py` against the saved tensors of a real forward):
-  fp32:  30 H + 8 kv + K (16 F + 8 H + 32) + 12 E + 36
-  bf16:  24.125 H + 4 kv + K (8 F + 4 H + 30) + 14 E + 28
-  (H hidden, F expert ffn, K experts per token, E experts, kv = key/value width). With activation
-  checkpointing a layer keeps only its input (a H) and one layer is recomputed at a time. The LM head and loss
-  keep (a + 8) V bytes per token (bf16 logits, their fp32 copy and log-softmax; 8 V in fp32).
+  `tests/parallel/test_plan.py` against the saved tensors of real forwards of several families), read
+  layer by layer from the model built on the meta device:
+  attention   fp32: 21 H + 9 q + 8 kv        bf16: 19.125 H + 5 q + 4 kv
+  + QK-norm   fp32: 8 (q + kv) + 4 h         bf16: 6 (q + kv) + 4 h
+  MoE block   fp32: K (16 F + 8 H + 32) + 12 E + 36   bf16: K (8 F + 4 H + 30) + 14 E + 28
+  + shared    fp32: 16 Fs + 4 H              bf16: 7 Fs + 5.5 H
+  dense MLP   fp32: 16 Fd + H / 2            bf16: 7 Fd
+  (H hidden, q and kv the query and key/value widths, h the query + kv heads, F the expert ffn, K experts
+  per token, E experts, Fs / Fd the shared expert's / dense MLP's ffn). With activation checkpointing a
+  layer keeps only its input (a H) and one layer is recomputed at a time. The chunked LM head and loss keep
+  a H + 8 bytes per token and, transiently, one chunk's logits: CHUNK_TOKENS x V x (a + 4) bytes.
 * Usable memory: `--reserve` (default 10%) of each GPU is left for the CUDA context, allocator fragmentation,
   collective buffers and kernel workspaces, which this plan does not model.
 """
@@ -27,7 +32,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moecpt.model import param_shapes
+from moecpt.config import CHUNK_TOKENS
+from moecpt.model import build_model, param_shapes
+from moecpt.model.moe import SparseMoeBlock
 
 GB = 1e9
 GiB = 2**30
@@ -88,23 +95,46 @@ def shard_numel(name: str, shape: tuple[int, ...], gpus: int, ep: int) -> int:
     return _numel(tuple(chunk))
 
 
-def activation_bytes_per_token_layer(c, dtype_bytes: int) -> float:
-    """Bytes autograd keeps per token in one decoder layer (see the module docstring)."""
-    H, F, K, E = c.hidden_size, c.expert_ffn, c.top_k, c.n_experts
-    kv = c.num_key_value_heads * c.attn_head_dim
-    if dtype_bytes == 4:
-        return 30 * H + 8 * kv + K * (16 * F + 8 * H + 32) + 12 * E + 36
-    return 24.125 * H + 4 * kv + K * (8 * F + 4 * H + 30) + 14 * E + 28
+def layer_activation_bytes(attn, ffn, H: int, a: int) -> float:
+    """Bytes autograd keeps per token in one decoder layer (see the module docstring), read from the
+    layer's modules: attention widths and QK-norm, and a sparse MoE block (with a shared expert) or a dense
+    MLP."""
+    q, kv, heads = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim, attn.n_heads + attn.n_kv
+    total = (21 * H + 9 * q + 8 * kv) if a == 4 else (19.125 * H + 5 * q + 4 * kv)
+    if attn.qk_norm is not None:
+        total += (8 if a == 4 else 6) * (q + kv) + 4 * heads
+    if isinstance(ffn, SparseMoeBlock):
+        K, E, F = ffn.top_k, ffn.num_experts, ffn.experts.down_proj.shape[-1]
+        total += K * (16 * F + 8 * H + 32) + 12 * E + 36 if a == 4 else K * (8 * F + 4 * H + 30) + 14 * E + 28
+        if hasattr(ffn, "shared_expert"):
+            Fs = ffn.shared_expert.gate_proj.out_features
+            total += 16 * Fs + 4 * H if a == 4 else 7 * Fs + 5.5 * H
+    else:
+        total += 16 * ffn.gate_proj.out_features + H / 2 if a == 4 else 7 * ffn.gate_proj.out_features
+    return total
+
+
+def activation_bytes_per_token_layer(c, dtype_bytes: int) -> list[float]:
+    """Bytes autograd keeps per token in each decoder layer of the model `c` describes (built on the meta
+    device, so its real attention and feed-forward modules are read)."""
+    model = build_model(c)
+    return [layer_activation_bytes(layer.self_attn, getattr(layer, "moe", None) or layer.mlp, c.hidden_size,
+                                   dtype_bytes) for layer in model.layers]
 
 
 def activation_bytes_per_sample(c, seq_len: int, dtype_bytes: int, checkpointing: bool) -> float:
-    layer = activation_bytes_per_token_layer(c, dtype_bytes)
+    per_layer = activation_bytes_per_token_layer(c, dtype_bytes)
     if checkpointing:
-        layers = c.num_hidden_layers * dtype_bytes * c.hidden_size + layer
+        layers = len(per_layer) * dtype_bytes * c.hidden_size + max(per_layer)
     else:
-        layers = c.num_hidden_layers * layer
-    head = (dtype_bytes + 8 if dtype_bytes == 2 else 8) * c.vocab_size
+        layers = sum(per_layer)
+    head = dtype_bytes * c.hidden_size + 8  # the chunked loss keeps the final hidden states, not the logits
     return seq_len * (layers + head)
+
+
+def loss_chunk_bytes(c, dtype_bytes: int, chunk_tokens: int = CHUNK_TOKENS) -> float:
+    """The chunked LM head + loss's transient memory: one chunk's logits in the compute dtype and in fp32."""
+    return chunk_tokens * c.vocab_size * (dtype_bytes + 4)
 
 
 def plan_memory(c, layout: Layout, seq_len: int, gpu_memory: float, reserve: float = 0.1,
@@ -128,6 +158,7 @@ def plan_memory(c, layout: Layout, seq_len: int, gpu_memory: float, reserve: flo
             gathered += 4 * (c.num_hidden_layers * block + root)
     else:
         gathered = a * (2 * block + root) + (a + 4) * block
+    gathered += loss_chunk_bytes(c, a)
     act = activation_bytes_per_sample(c, seq_len, a, layout.activation_checkpointing)
     usable = gpu_memory * (1 - reserve)
     plan = MemoryPlan(layout=layout, params=4.0 * shard, grads=4.0 * shard, optimizer=8.0 * shard,
