@@ -123,7 +123,8 @@ def test_qwen3_recipe_and_config_continue_qwen3_in_its_pretraining_regime(capsys
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(repo / "configs" / "qwen3-moe-30b-a3b.toml")
     recipe = load_recipe(repo / "recipes" / "qwen3-moe-30b-a3b.toml")
-    cpt = recipe.stage_config("cpt", {"ja": [], "en": [], "code": []}, init_from=recipe.cpt["init_from"])
+    shards = {name: [f"shards/{name}"] for name in ("ja", "en", "code")}  # the corpora a user points it at
+    cpt = recipe.stage_config("cpt", shards, init_from=recipe.cpt["init_from"])
     for c in (cfg, cpt):
         assert c.model.preset == "qwen3-moe-30b-a3b" and "Qwen3-30B-A3B" in c.init_from
         assert c.model.overrides == {"router_aux_loss_coef": 0.001, "router_balance_scope": "global"}
