@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from moecpt.cli import main
+from moecpt.train import checkpoint as ckpt_lib
 from moecpt.train.metrics import read_metrics
 
 from ..tiny_config import tiny_config_toml
@@ -85,3 +86,28 @@ def test_olmoe_init_from_trains_with_its_z_loss_and_exports(tmp_path, tiny_corpo
     assert config["model_type"] == "olmoe" and config["clip_qkv"] == 8.0 and "router_z_loss_coef" not in config
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     check_export(out, base, transformers.OlmoeForCausalLM, "model.layers.1.mlp.experts.0.up_proj.weight")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_resume_continues_a_family_run_exactly(family, tmp_path, tiny_corpora, shard_cache):
+    """Stopped at step 2 and resumed, a run of each family gives the uninterrupted run's losses and weights
+    (shared expert, dense layer, QK-norm and clip_qkv state included). The kill -9 path is the same
+    checkpointing code for every family (tests/train/test_trainer.py, and Qwen3-MoE's in test_families_train.py)."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=32000, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **SHAPE)
+    if family == "qwen2_moe":
+        hf = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1], **shape))
+    else:
+        hf = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(clip_qkv=8.0, **shape))
+    hf.save_pretrained(tmp_path / "base")
+    cfg = str(write_config(tmp_path, shard_cache, tiny_corpora, tmp_path / "base"))
+    runs = {name: tmp_path / name for name in ("whole", "cut")}
+    assert main(["train", "--config", cfg, f"--run_dir={runs['whole']}", "--training.steps=4"]) == 0
+    assert main(["train", "--config", cfg, f"--run_dir={runs['cut']}", "--training.steps=2"]) == 0
+    assert main(["train", "--config", cfg, f"--run_dir={runs['cut']}", "--training.steps=4"]) == 0
+    trace = {name: [r["loss"] for r in read_metrics(run) if "loss" in r] for name, run in runs.items()}
+    assert len(trace["whole"]) == 4 and trace["cut"] == trace["whole"]
+    a, b = (ckpt_lib.load_model(ckpt_lib.find_checkpoint(runs[n])).state_dict() for n in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
