@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -51,6 +52,36 @@ class DataSection:
     valid_max_documents: int = 200
     # Start this mixture afresh at the resumed sample count instead of refusing a changed data stream.
     new_stage: bool = False
+
+    def check_corpora_listed(self) -> None:
+        """Each data.corpora entry lists something (checked before training; a recipe may fill them in later)."""
+        for name, files in self.corpora.items():
+            if not files:
+                raise UserError(f"config: data.corpora.{name} is empty; list its JSON Lines files or globs, or "
+                                f"one shard prefix, e.g. --data.corpora.{name}='[\"corpus/{name}/*.jsonl\"]', "
+                                f"or remove it")
+
+    def check_sources(self) -> None:
+        """Each mixture entry has a positive finite weight and names a data.corpora key, a shard prefix or a
+        file (the mixture itself is parsed by moecpt.data)."""
+        parts = self.mixture.split()
+        if len(parts) < 2 or len(parts) % 2:
+            return  # one prefix alone, or malformed: moecpt.data.mixture says what is wrong
+        for weight, entry in zip(parts[::2], parts[1::2], strict=True):
+            try:
+                w = float(weight)
+            except ValueError:
+                raise UserError(f"config: data.mixture: weight {weight!r} of {entry!r} is not a number; write "
+                                "weight and name pairs, e.g. '0.644 ja 0.256 en 0.1 code'") from None
+            if not (math.isfinite(w) and w > 0):
+                raise UserError(f"config: data.mixture: the weight of {entry!r} must be a positive finite number "
+                                f"(got {weight}); e.g. '0.7 ja 0.3 en'")
+            for src in entry.rpartition("=")[2].split(","):
+                if src not in self.corpora and not _names_a_file(src):
+                    known = ", ".join(self.corpora) or "none"
+                    raise UserError(f"config: data.mixture names {src!r}, which is neither a key of "
+                                    f"[data.corpora] (keys: {known}) nor a shard prefix or file; add it under "
+                                    f"[data.corpora] ({src} = [\"path/to/*.jsonl\"]) or correct the name")
 
 
 @dataclass
@@ -163,12 +194,18 @@ class TrainConfig:
             (self.schedule.decay in ("cosine", "linear", "constant"), "schedule.decay",
              "must be cosine, linear or constant"),
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0"),
+            (math.isfinite(o.lr) and o.lr > 0, "optimizer.lr", "must be a positive finite number, e.g. 2e-5"),
             (0 <= o.min_lr <= o.lr, "optimizer.min_lr", "must be between 0 and optimizer.lr"),
             (o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 turns clipping off)"),
             (self.data.seq_len > 0, "data.seq_len", "must be positive"),
+            (0 <= self.data.valid_fraction < 1, "data.valid_fraction",
+             "must be at least 0 and below 1 (the share of each corpus's documents held out, e.g. 0.01)"),
             (bool(self.data.mixture.strip()), "data.mixture", "is empty; e.g. '0.644 ja 0.256 en 0.1 code'"),
             (self.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+            (self.checkpoint.keep_every >= 0, "checkpoint.keep_every",
+             "must be >= 0 (0: keep no extra checkpoints; k: also keep every k-th step's)"),
+            (self.checkpoint.recovery_steps >= 0, "checkpoint.recovery_steps", "must be >= 0"),
             (self.logging.interval > 0, "logging.interval", "must be positive"),
             (self.logging.val_interval >= 0, "logging.val_interval", "must be >= 0 (0: validate only at the end)"),
             (t.max_nonfinite_in_a_row >= 1, "training.max_nonfinite_in_a_row", "must be >= 1"),
@@ -183,6 +220,14 @@ class TrainConfig:
         for ok, key, what in checks:
             if not ok:
                 raise UserError(f"config: {key} {what} (got {_get(self, key)!r})")
+        self.data.check_sources()
+
+
+def _names_a_file(src: str) -> bool:
+    """Whether a mixture source that is no data.corpora key may be a shard prefix, file, directory or glob:
+    one that exists, or any path-like name (one with a separator, a suffix or a wildcard: it may be made by an
+    earlier step). Only a bare word that names nothing is taken for a missing data.corpora key."""
+    return Path(f"{src}.bin").is_file() or Path(src).exists() or any(c in src for c in "/\\.*?[")
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -15,8 +15,10 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,9 @@ from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 from moecpt.errors import UserError
 
 _TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # only a JSON \\uXXXX escape can put one in a str
+_BOM = "\ufeff"
+_STALE_AFTER_S = 60.0  # a temp file of a dead process untouched this long is removed
 _CHUNK_BYTES = 1 << 20  # text per work item: large enough to amortise IPC, small enough to stream
 
 
@@ -46,6 +51,7 @@ class TokenizeReport:
     invalid_json_lines: int = 0
     invalid_json_examples: list[str] = field(default_factory=list)
     blank_lines: int = 0
+    removed_temp_files: list[str] = field(default_factory=list)  # left by killed runs
     seconds: float = 0.0
     dtype: str = ""
 
@@ -58,6 +64,7 @@ class TokenizeReport:
             f"{self.invalid_json_lines} invalid JSON lines",
         ]
         lines += [f"  invalid JSON: {e}" for e in self.invalid_json_examples]
+        lines += [f"removed {p} (left by a killed run)" for p in self.removed_temp_files]
         return "\n".join(lines)
 
 
@@ -118,6 +125,41 @@ def _decode_error(
     )
 
 
+def _read_error(path: Path, lineno: int | None, e: Exception) -> UserError:
+    where = f"{path}: after line {lineno}" if lineno else str(path)
+    fix = ("the compressed file ends early or is damaged (an interrupted download or copy?): fetch or compress "
+           "it again" if path.suffix in (".gz", ".zst") else "the file could not be read")
+    return UserError(f"{where}: cannot read on ({type(e).__name__}: {e}); {fix}")
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The raw lines of a (possibly compressed) file, numbered from 1; a read or decompression error names the
+    file and the last line read."""
+    lineno = 0
+    try:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+    except _decompress_errors() as e:
+        raise _read_error(path, lineno, e) from None
+
+
+def _bom_error(path: Path) -> UserError:
+    return UserError(f"{path}:1: the file starts with a UTF-8 byte-order mark (BOM), which would become part of "
+                     "the text; read it with --encoding utf-8-sig (or save the file without the BOM)")
+
+
 class _Reader:
     """Yields document texts from the input files and keeps the counts for the report."""
 
@@ -144,53 +186,68 @@ class _Reader:
         return True
 
     def _text_file(self, path: Path) -> Iterator[str]:
-        with _open_binary(path) as f:
-            data = f.read()
+        try:
+            with _open_binary(path) as f:
+                data = f.read()
+        except _decompress_errors() as e:
+            raise _read_error(path, None, e) from None
         try:
             text = data.decode(self.encoding)
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             raise _decode_error(path, e.start, line, self.encoding, e) from None
+        if text.startswith(_BOM):
+            raise _bom_error(path)
         if self._keep(text, len(data)):
             yield text
 
     def _jsonl_file(self, path: Path) -> Iterator[str]:
         offset = 0
-        with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                start, offset = offset, offset + len(raw)
-                try:
-                    line = raw.decode(self.encoding)
-                except UnicodeDecodeError as e:
-                    raise _decode_error(path, start + e.start, lineno, self.encoding, e) from None
-                if not line.strip():
-                    self.report.blank_lines += 1
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if not self.skip_invalid_json:
-                        raise UserError(
-                            f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the line, or pass "
-                            "--skip-invalid-json to skip such lines (they are counted in the report)"
-                        ) from None
-                    self.report.invalid_json_lines += 1
-                    if len(self.report.invalid_json_examples) < 10:
-                        self.report.invalid_json_examples.append(f"{path}:{lineno}: {e.msg}")
-                    continue
-                if not isinstance(record, dict) or self.text_key not in record:
-                    keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
-                    raise UserError(
-                        f"{path}:{lineno}: no key {self.text_key!r} in the record (it has: {keys}); "
-                        "name the text field with --text-key"
-                    )
-                text = record[self.text_key]
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{path}:{lineno}: key {self.text_key!r} holds a {type(text).__name__}, not a string"
-                    )
-                if self._keep(text, len(raw)):
-                    yield text
+        for lineno, raw in _numbered_lines(path):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode(self.encoding)
+            except UnicodeDecodeError as e:
+                raise _decode_error(path, start + e.start, lineno, self.encoding, e) from None
+            if lineno == 1 and line.startswith(_BOM):
+                raise _bom_error(path)
+            if not line.strip():
+                self.report.blank_lines += 1
+                continue
+            text = self._record_text(path, lineno, raw, line)
+            if text is not None and self._keep(text, len(raw)):
+                yield text
+
+    def _record_text(self, path: Path, lineno: int, raw: bytes, line: str) -> str | None:
+        """The text of one JSON line; None for a line skipped (and counted) as invalid."""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return self._invalid(path, lineno, f"invalid JSON ({e.msg} at column {e.colno}); fix the line", e.msg)
+        if not isinstance(record, dict) or self.text_key not in record:
+            keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+            raise UserError(
+                f"{path}:{lineno}: no key {self.text_key!r} in the record (it has: {keys}); "
+                "name the text field with --text-key"
+            )
+        text = record[self.text_key]
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{lineno}: key {self.text_key!r} holds a {type(text).__name__}, not a string")
+        if b"\\u" in raw and (bad := _SURROGATE.search(text)):
+            what = f"lone surrogate \\u{ord(bad.group()):04x}"
+            return self._invalid(path, lineno, f"the text holds a {what} (at character {bad.start()}), half of a "
+                                 "UTF-16 pair, which is not text; fix the escape in that line", what)
+        return text
+
+    def _invalid(self, path: Path, lineno: int, message: str, short: str) -> None:
+        """Refuse an invalid line, or (--skip-invalid-json) count it for the report."""
+        if not self.skip_invalid_json:
+            raise UserError(f"{path}:{lineno}: {message}, or pass --skip-invalid-json to skip such lines (they are "
+                            "counted in the report)")
+        self.report.invalid_json_lines += 1
+        if len(self.report.invalid_json_examples) < 10:
+            self.report.invalid_json_examples.append(f"{path}:{lineno}: {short}")
+        return None
 
 
 def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
@@ -268,6 +325,7 @@ def tokenize_corpus(
     bos = tok.bos_id if append_bos else None
     eos = tok.eos_id if append_eos else None
     report = TokenizeReport(prefix=os.fspath(output), dtype=dtype.name)
+    report.removed_temp_files = [str(p) for p in remove_stale_temp_files(output)]
     reader = _Reader(files, text_key, codec, skip_invalid_json, report)
     total_bytes = sum(f.stat().st_size for f in files)
     if progress is None:
@@ -291,6 +349,38 @@ def tokenize_corpus(
     report.num_tokens = writer.num_tokens
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(prefix: str | os.PathLike, min_age_s: float = _STALE_AFTER_S) -> list[Path]:
+    """Delete the `PREFIX.{bin,idx,meta.json}.tmpPID` files of writers that were killed: their process is gone
+    from this host and the file has not changed for `min_age_s` (so that a writer on another host sharing the
+    directory is left alone). Returns the files removed."""
+    prefix = Path(prefix)
+    if not prefix.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(prefix.name) + r"\.(?:bin|idx|meta\.json)\.tmp(\d+)$")
+    removed, now = [], time.time()
+    for p in prefix.parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if now - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _codec_name(encoding: str) -> str:
@@ -388,6 +478,7 @@ def cached_shard(
     ).hexdigest()[:16]
     stem = files[0].name.split(".")[0] if len(files) == 1 else f"{files[0].parent.name}-{len(files)}files"
     prefix = Path(cache_dir) / f"{stem}-{key}"
+    remove_stale_temp_files(prefix)
     if not shard_exists(prefix):
         tokenize_corpus(
             files, prefix, tokenizer=tok_path, text_key=text_key, encoding=encoding, workers=workers

@@ -142,6 +142,16 @@ def check_token_ids(tokenizer: Tokenizer, dataset: MixtureDataset, vocab_size: i
                     "sources), or use a model whose vocab_size exceeds the largest id")
 
 
+def check_positions(cfg: TrainConfig, config) -> None:
+    """Refuse samples longer than the positions the model was built for."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise UserError(f"config: data.seq_len ({cfg.data.seq_len}) is above the model's max_position_embeddings "
+                        f"({limit}); lower data.seq_len to at most {limit}, or raise the model's positions with "
+                        f"--model.overrides.max_position_embeddings={cfg.data.seq_len} (its RoPE then has to "
+                        "extend that far)")
+
+
 def shape_changes(old, new) -> list[str]:
     """The config fields that differ between two configs whose models have different parameter shapes
     (empty when the shapes are the same: coefficients and other settings may change between runs)."""

@@ -49,6 +49,7 @@ from moecpt.train.optim import build_optimizer, lr_at
 from moecpt.train.setup import (
     Runtime,
     build_training_model,
+    check_positions,
     check_token_ids,
     model_config,
     prepare_data,
@@ -102,16 +103,19 @@ class Trainer:
         lock = ckpt_lib.RunLock(Path(cfg.run_dir))
         notes = [lock.acquire_on_rank0(rt.device)]  # one training per run_dir
         try:
-            tokenizer, dataset = prepare_data(cfg, rt)
             config = model_config(cfg)
-            check_token_ids(tokenizer, dataset, config.vocab_size)
+            check_positions(cfg, config)  # the quick refusals before the (possibly long) tokenization
+            cfg.data.check_corpora_listed()
             target, note = ckpt_lib.start_target(Path(cfg.run_dir), cfg.checkpoint, cfg.resume, cfg.optimizer.lr)
+            tokenizer, dataset = prepare_data(cfg, rt)
+            check_token_ids(tokenizer, dataset, config.vocab_size)
             scratch = target is None and not cfg.init_from
             model = build_training_model(cfg, rt, config, seed=cfg.training.seed if scratch else None)
             trainer = cls(cfg, rt, tokenizer, dataset, model, build_optimizer(model, cfg.optimizer, rt.device))
             trainer.lock = lock
             for line in [*notes, note] if rt.is_main else ():
-                console(line) if line else None
+                if line:
+                    console(line)
             if target is not None:
                 trainer.resume(target)
             elif cfg.init_from:
