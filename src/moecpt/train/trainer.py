@@ -93,7 +93,8 @@ class Trainer:
         self.recovering, self.streak_start = 0, 0
         self.lock = ckpt_lib.RunLock(self.run_dir)  # taken by from_config, released when train() ends
         self.start_mode = f"random initialisation of preset {cfg.model.preset!r} (seed {t.seed})"
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # set by this process's signal handler
+        self._agreed_stop: int | None = None  # the signal every rank has seen (read in one collective)
         self.step_sums: StepSums | None = None  # the last step's device-side sums
         self.final_validation: dict[str, float] | None = None  # a finished run's, kept in its last checkpoint
 
@@ -202,8 +203,9 @@ class Trainer:
         self.step += 1
         self._count_nonfinite(finite)
         self.step_sums = sums
-        if signum and self._stop_signal is None:
-            self._stop_signal = int(signum)
+        # Every rank leaves the loop on the value all of them read in the same collective: a signal that
+        # lands on one rank after it is read is acted on at the next step, by all ranks together.
+        self._agreed_stop = int(signum) or None
         per_pass = self.accum * self.rt.world
         return {"step": self.step, "loss": ce, "lb_loss": lb / per_pass, "z_loss": z / per_pass, "lr": lr,
                 "grad_norm": gnorm, "tokens": self.tokens_per_step, "skipped": not finite,
@@ -279,8 +281,8 @@ class Trainer:
     def _stop_reason(self) -> str:
         if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_in_a_row:
             return f"{self.nonfinite_in_a_row} non-finite steps in a row"
-        if self._stop_signal is not None:
-            return f"signal {signal.Signals(self._stop_signal).name}"
+        if self._agreed_stop is not None:
+            return f"signal {signal.Signals(self._agreed_stop).name}"
         return ""
 
     def _may_save(self) -> bool:
