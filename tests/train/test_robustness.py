@@ -37,13 +37,14 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def stop_at(trainer: Trainer, step: int, monkeypatch) -> None:
-    """Make `trainer` receive SIGTERM after `step` (a clean stop with a checkpoint)."""
+    """Make `trainer` stop on SIGTERM after `step` (a clean stop with a checkpoint), as when every rank has
+    read the signal in that step's collective."""
     real = trainer.train_step
 
     def step_then_signal():
         record = real()
         if trainer.step == step:
-            trainer._stop_signal = signal.SIGTERM
+            trainer._stop_signal = trainer._agreed_stop = signal.SIGTERM
         return record
 
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
