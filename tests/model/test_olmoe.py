@@ -13,12 +13,13 @@ from safetensors.torch import load_file, save_file
 
 import moecpt
 from moecpt.errors import UserError
-from moecpt.model import moe as moe_module
 from moecpt.model.auto import build_model
 from moecpt.model.families import preset_config
 from moecpt.model.families.olmoe import OlmoeConfig
 
 transformers = pytest.importorskip("transformers")
+
+from .parity import compare_forward, fused_name, random_ids, save_perturbed  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 128
@@ -40,37 +41,12 @@ def hf_config(**kw):
 
 
 def make_hf_model(path, seed: int = 0, **kw):
-    """Save a random transformers OLMoE to `path` (transformers' own save) and return it in eval mode, with
-    norm weights and biases perturbed away from transformers' 1 and 0."""
-    torch.manual_seed(seed)
-    model = transformers.OlmoeForCausalLM(hf_config(**kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
+    """A random transformers OLMoE saved to `path` (norms and biases perturbed), in eval mode."""
+    return save_perturbed(transformers.OlmoeForCausalLM, hf_config(**kw), path, seed)
 
 
 def ids_of(shape, seed):
-    return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def capture_routing(monkeypatch) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    original = moe_module.Router.forward
-
-    def route(self, x):
-        out = original(self, x)
-        seen.append(out[3].detach().clone())
-        return out
-
-    monkeypatch.setattr(moe_module.Router, "forward", route)
-    return seen
-
-
-def hf_param_name(name: str) -> str:
-    return name if name == "lm_head.weight" else "model." + name.replace(".moe.", ".mlp.")
+    return random_ids(shape, seed, VOCAB)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -83,18 +59,7 @@ def test_logits_losses_and_routing_match_transformers(tmp_path, monkeypatch, sha
     assert c.tie_word_embeddings == kw.get("tie_word_embeddings", False)
     ids = ids_of((3, 24), 1)
 
-    routing = capture_routing(monkeypatch)
-    with torch.no_grad():
-        theirs = hf(ids, labels=ids, output_router_logits=True)
-        ours = model(ids, labels=ids)
-    assert (theirs.logits - ours.logits).abs().max().item() <= TOL
-    assert ours.aux_loss.item() == pytest.approx(theirs.aux_loss.item(), abs=1e-6)
-    assert ours.loss.item() == pytest.approx(theirs.loss.item(), abs=1e-5)
-    for layer, hf_logits in enumerate(theirs.router_logits):
-        hf_choice = hf_logits.float().softmax(-1).topk(c.num_experts_per_tok, dim=-1).indices
-        assert torch.equal(hf_choice.sort(-1).values, routing[layer].sort(-1).values), f"layer {layer}"
-        expected = torch.bincount(hf_choice.reshape(-1), minlength=c.num_experts).float()
-        assert torch.equal(ours.expert_counts[layer], expected)
+    theirs, ours = compare_forward(hf, model, ids, monkeypatch, TOL)
     # The router z-loss transformers does not compute: the mean over tokens and layers of logsumexp^2.
     z = torch.stack([lg.float().logsumexp(-1).square().mean() for lg in theirs.router_logits]).mean()
     assert ours.z_loss.item() == pytest.approx(z.item(), rel=1e-5)
@@ -154,9 +119,9 @@ def test_every_gradient_matches_transformers(tmp_path, shape):
     hf_params = dict(hf.named_parameters())
     ours = dict(model.named_parameters())
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    assert {hf_param_name(n) for n in ours} == set(hf_params) - tied
+    assert {fused_name(n) for n in ours} == set(hf_params) - tied
     for name, p in ours.items():
-        theirs = hf_params[hf_param_name(name)].grad
+        theirs = hf_params[fused_name(name)].grad
         assert p.grad is not None and theirs is not None, name
         torch.testing.assert_close(p.grad, theirs, atol=TOL, rtol=0, msg=name)
 

@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 import moecpt
 from moecpt.errors import UserError
 from moecpt.model import build_model
-from moecpt.model import moe as moe_module
 from moecpt.model.families import family, preset_config
 from moecpt.model.families.qwen3_moe import Qwen3MoeAdapter, Qwen3MoeConfig
 
 transformers = pytest.importorskip("transformers")
+
+from .parity import compare_forward, save_perturbed  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 128
@@ -53,30 +54,8 @@ def hf_config(**kw):
 
 
 def make_hf_model(path, seed: int = 0, **kw):
-    """Save a random transformers Qwen3-MoE to `path` (its save_pretrained writes the hub layout, one tensor
-    per expert) and return it in eval mode."""
-    torch.manual_seed(seed)
-    model = transformers.Qwen3MoeForCausalLM(hf_config(**kw)).eval()
-    with torch.no_grad():  # transformers leaves norms at 1 and biases at 0: perturb them so a swap would show
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
-
-
-def capture_routing(monkeypatch) -> list[torch.Tensor]:
-    """Record the top-k experts every moecpt MoE layer chooses."""
-    seen: list[torch.Tensor] = []
-    original = moe_module.Router.forward
-
-    def route(self, x):
-        out = original(self, x)
-        seen.append(out[3].detach().clone())
-        return out
-
-    monkeypatch.setattr(moe_module.Router, "forward", route)
-    return seen
+    """A random transformers Qwen3-MoE saved to `path` (norms and biases perturbed), in eval mode."""
+    return save_perturbed(transformers.Qwen3MoeForCausalLM, hf_config(**kw), path, seed)
 
 
 def hf_param_name(adapter: Qwen3MoeAdapter, name: str) -> str:
@@ -101,20 +80,8 @@ def test_logits_losses_and_routing_match_transformers(tmp_path, monkeypatch, sha
     assert c.sparse_layers == sparse and 0 < len(sparse)
     ids = ids_batch(1)
 
-    routing = capture_routing(monkeypatch)
-    with torch.no_grad():
-        theirs = hf(ids, labels=ids, output_router_logits=True)
-        ours = model(ids, labels=ids)
-
-    assert (theirs.logits - ours.logits).abs().max().item() <= TOL
-    assert ours.aux_loss.item() == pytest.approx(theirs.aux_loss.item(), abs=1e-6)
-    assert ours.loss.item() == pytest.approx(theirs.loss.item(), abs=1e-5)
-    assert len(theirs.router_logits) == len(routing) == len(sparse)
-    for layer, hf_logits in enumerate(theirs.router_logits):
-        hf_choice = hf_logits.float().softmax(-1).topk(c.top_k, dim=-1).indices
-        assert torch.equal(hf_choice.sort(-1).values, routing[layer].sort(-1).values), f"MoE layer {layer}"
-        expected = torch.bincount(hf_choice.reshape(-1), minlength=c.n_experts).float()
-        assert torch.equal(ours.expert_counts[layer], expected)
+    theirs, _ = compare_forward(hf, model, ids, monkeypatch, TOL)
+    assert len(theirs.router_logits) == len(sparse)
 
 
 @pytest.mark.parametrize("shape", ["dense0-gqa-topknorm", "step2-mha-tied", "allmoe-kv1-bias"])
