@@ -67,3 +67,34 @@ def compare_forward(hf, model, ids: torch.Tensor, monkeypatch, tol: float):
         expected = torch.bincount(hf_choice.reshape(-1), minlength=c.n_experts).float()
         assert torch.equal(ours.expert_counts[layer], expected), f"MoE layer {layer}"
     return theirs, ours
+
+
+def compare_gradients(hf, model, ids: torch.Tensor, hf_name, tol: float) -> None:
+    """Backward of the labels loss through both: every moecpt parameter has a gradient within `tol` of
+    transformers' (`hf_name` maps moecpt's name to transformers' in-memory one), and every transformers
+    parameter is matched (tied ones once)."""
+    hf.train()(ids, labels=ids, output_router_logits=True).loss.backward()
+    model.train()(ids, labels=ids).loss.backward()
+    theirs = dict(hf.named_parameters())
+    ours = dict(model.named_parameters())
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert {hf_name(n) for n in ours} == set(theirs) - tied
+    for name, p in ours.items():
+        assert p.grad is not None and theirs[hf_name(name)].grad is not None, name
+        assert p.grad.abs().max().item() > 0, name  # every parameter takes part
+        torch.testing.assert_close(p.grad, theirs[hf_name(name)].grad, atol=tol, rtol=0, msg=name)
+
+
+def compare_generation(hf, model, ids: torch.Tensor, pad_rows: dict[int, int], new_tokens: int = 12) -> None:
+    """Greedy generation of left-padded prompts (row -> padded positions) is token-identical."""
+    hf.config.output_router_logits = False  # transformers' generate cannot combine it with padding
+    mask = torch.ones_like(ids)
+    for row, n in pad_rows.items():
+        mask[row, :n] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    ours = model.eval().generate(ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=0,
+                                 eos_token_id=[])
+    assert ours.shape == (ids.shape[0], ids.shape[1] + new_tokens)
+    assert ours.tolist() == theirs.tolist()

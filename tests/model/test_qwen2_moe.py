@@ -20,7 +20,14 @@ from moecpt.model.families.qwen2_moe import Qwen2MoeConfig
 
 transformers = pytest.importorskip("transformers")
 
-from .parity import compare_forward, fused_name, random_ids, save_perturbed  # noqa: E402
+from .parity import (  # noqa: E402
+    compare_forward,
+    compare_generation,
+    compare_gradients,
+    fused_name,
+    random_ids,
+    save_perturbed,
+)
 
 TOL = 1e-5
 VOCAB = 128
@@ -103,38 +110,13 @@ def test_left_padding_matches_transformers_and_is_excluded_from_statistics(tmp_p
 
 @pytest.mark.parametrize("shape", ["dense-middle-gqa", "no-qkv-bias-tied-e4"])
 def test_every_gradient_matches_transformers(tmp_path, shape):
-    hf = make_hf_model(tmp_path, **SHAPES[shape]).train()
-    model = moecpt.from_pretrained(tmp_path).train()
-    ids = ids_of((2, 16), 4)
-    hf(ids, labels=ids, output_router_logits=True).loss.backward()
-    model(ids, labels=ids).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    ours = dict(model.named_parameters())
-    assert {fused_name(n) for n in ours} == set(hf_params) - ({"lm_head.weight"} if model.config.tie_word_embeddings
-                                                                 else set())
-    worst = 0.0
-    for name, p in ours.items():
-        theirs = hf_params[fused_name(name)].grad
-        assert p.grad is not None and theirs is not None, name
-        worst = max(worst, (p.grad - theirs).abs().max().item())
-        torch.testing.assert_close(p.grad, theirs, atol=TOL, rtol=0, msg=name)
-    assert worst <= TOL
+    hf = make_hf_model(tmp_path, **SHAPES[shape])
+    compare_gradients(hf, moecpt.from_pretrained(tmp_path), ids_of((2, 16), 4), fused_name, TOL)
 
 
 def test_greedy_generation_with_left_padding_matches_transformers(tmp_path):
     hf = make_hf_model(tmp_path, **SHAPES["sliding-mqa-top1"])
-    hf.config.output_router_logits = False  # transformers' generate cannot combine it with padding
-    model = moecpt.from_pretrained(tmp_path).eval()
-    ids = ids_of((3, 11), 5)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    mask[2, :2] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                         eos_token_id=None)
-    ours = model.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, eos_token_id=[])
-    assert ours.shape == (3, 23)
-    assert ours.tolist() == theirs.tolist()
+    compare_generation(hf, moecpt.from_pretrained(tmp_path), ids_of((3, 11), 5), {0: 4, 2: 2})
 
 
 def test_transformers_saves_the_hub_layout_and_the_fused_layout_loads_too(tmp_path):
