@@ -8,7 +8,10 @@ the router z-loss of its pretraining, and the real OLMoE tokenizer.json (no BOS)
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from moecpt.cli import main
-from moecpt.train import checkpoint as ckpt_lib
 from moecpt.train.metrics import read_metrics
 
 from ..tiny_config import tiny_config_toml
+from .test_trainer import _run_cli, _wait_for_step, final_weights, losses
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,11 +91,9 @@ def test_olmoe_init_from_trains_with_its_z_loss_and_exports(tmp_path, tiny_corpo
     check_export(out, base, transformers.OlmoeForCausalLM, "model.layers.1.mlp.experts.0.up_proj.weight")
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
-def test_resume_continues_a_family_run_exactly(family, tmp_path, tiny_corpora, shard_cache):
-    """Stopped at step 2 and resumed, a run of each family gives the uninterrupted run's losses and weights
-    (shared expert, dense layer, QK-norm and clip_qkv state included). The kill -9 path is the same
-    checkpointing code for every family (tests/train/test_trainer.py, and Qwen3-MoE's in test_families_train.py)."""
+def family_base(family: str, path: Path) -> Path:
+    """A tiny transformers-written directory of `family` (Qwen2-MoE: a dense middle layer and the gated shared
+    expert; OLMoE: clip_qkv and whole-projection QK-norm)."""
     torch.manual_seed(0)
     shape = dict(vocab_size=32000, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **SHAPE)
@@ -101,13 +102,27 @@ def test_resume_continues_a_family_run_exactly(family, tmp_path, tiny_corpora, s
             moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1], **shape))
     else:
         hf = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(clip_qkv=8.0, **shape))
-    hf.save_pretrained(tmp_path / "base")
-    cfg = str(write_config(tmp_path, shard_cache, tiny_corpora, tmp_path / "base"))
-    runs = {name: tmp_path / name for name in ("whole", "cut")}
-    assert main(["train", "--config", cfg, f"--run_dir={runs['whole']}", "--training.steps=4"]) == 0
-    assert main(["train", "--config", cfg, f"--run_dir={runs['cut']}", "--training.steps=2"]) == 0
-    assert main(["train", "--config", cfg, f"--run_dir={runs['cut']}", "--training.steps=4"]) == 0
-    trace = {name: [r["loss"] for r in read_metrics(run) if "loss" in r] for name, run in runs.items()}
-    assert len(trace["whole"]) == 4 and trace["cut"] == trace["whole"]
-    a, b = (ckpt_lib.load_model(ckpt_lib.find_checkpoint(runs[n])).state_dict() for n in ("whole", "cut"))
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow  # three training processes per family
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_kill_9_and_resume_reproduce_the_uninterrupted_run(family, tmp_path, tiny_corpora, shard_cache):
+    """Killed with SIGKILL after its step-4 checkpoint and run again, a run of each family gives the
+    uninterrupted run's losses and weights (shared expert, dense layer, QK-norm state included)."""
+    cfg = write_config(tmp_path, shard_cache, tiny_corpora, family_base(family, tmp_path / "base"))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = _run_cli(cfg, f"--run_dir={whole}", "--training.steps=12")
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    proc = _run_cli(cfg, f"--run_dir={cut}", "--training.steps=12")
+    _wait_for_step(cut, proc, random.Random(os.getpid()).randint(5, 9))  # after the step-4 checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert losses(cut)[-1][0] < 12, "the run ended before it could be killed"
+    proc = _run_cli(cfg, f"--run_dir={cut}", "--training.steps=12")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "resumed from" in out, out
+    assert losses(cut) == losses(whole)  # the same trace, each step once
+    a, b = final_weights(whole), final_weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
