@@ -21,7 +21,7 @@ from moecpt.errors import UserError
 from moecpt.kernels.attention import sdpa_backend
 from moecpt.kernels.support import triton_installed, triton_usable, why_not_triton
 from moecpt.model import CausalLM, build_model, load_config, param_shapes
-from moecpt.model.families import family_of, preset_config
+from moecpt.model.families import preset_config
 from moecpt.parallel import dist as pdist
 from moecpt.parallel import parallelize as par
 from moecpt.train import checkpoint as ckpt_lib
@@ -198,14 +198,14 @@ def build_training_model(cfg: TrainConfig, rt: Runtime, config, seed: int | None
     """The model, parallelised as `[parallel]` says: built on the meta device, each rank materialising only
     its shards, initialised once (from `seed`, the same weights at any world size and layout; None: left
     for the checkpoint or init_from weights), with the kernels chosen once."""
-    family_of(config)  # refuse a config of no known family before building anything
-    model = build_model(config)
+    model = build_model(config)  # refuses a config of no known family
     par.parallelize(model, cfg.parallel, rt.device, rt.world, rt.amp_dtype if rt.world > 1 else None)
     model.to_empty(device=rt.device)
     model.tie_weights()
     if seed is not None:
-        model.init_weights(torch.Generator().manual_seed(seed))
-    model.init_buffers()
+        model.init_weights(torch.Generator().manual_seed(seed))  # buffers included
+    else:
+        model.init_buffers()  # weights come from the checkpoint or init_from; buffers may not
     model.use_kernels(rt.fused_kernels, cfg.kernels.loss_chunk_tokens, device=rt.device)
     if rt.world > 1 and config.router_balance_scope == "global":
         model.loss_fn.group = torch.distributed.group.WORLD  # every rank is a data-parallel rank

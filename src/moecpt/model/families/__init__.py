@@ -12,25 +12,31 @@ from dataclasses import dataclass
 from moecpt.errors import UserError
 from moecpt.model.base import CausalLM
 from moecpt.model.config import MixtralConfig
-from moecpt.model.families.mixtral import MixtralAdapter, MixtralForCausalLM
-from moecpt.model.families.olmoe import OlmoeAdapter, OlmoeConfig, OlmoeForCausalLM
-from moecpt.model.families.qwen2_moe import Qwen2MoeAdapter, Qwen2MoeConfig, Qwen2MoeForCausalLM
-from moecpt.model.families.qwen3_moe import Qwen3MoeAdapter, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from moecpt.model.families.mixtral import MixtralForCausalLM
+from moecpt.model.families.olmoe import OlmoeConfig, OlmoeForCausalLM
+from moecpt.model.families.qwen2_moe import Qwen2MoeConfig, Qwen2MoeForCausalLM
+from moecpt.model.families.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 
 @dataclass(frozen=True)
 class Family:
-    model_type: str
     config_cls: type
     model_cls: type[CausalLM]
-    adapter_cls: type
+
+    @property
+    def model_type(self) -> str:
+        return self.config_cls.model_type
+
+    @property
+    def adapter_cls(self) -> type:
+        return self.model_cls.adapter_cls
 
 
 FAMILIES: dict[str, Family] = {
-    "mixtral": Family("mixtral", MixtralConfig, MixtralForCausalLM, MixtralAdapter),
-    "olmoe": Family("olmoe", OlmoeConfig, OlmoeForCausalLM, OlmoeAdapter),
-    "qwen2_moe": Family("qwen2_moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen2MoeAdapter),
-    "qwen3_moe": Family("qwen3_moe", Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeAdapter),
+    "mixtral": Family(MixtralConfig, MixtralForCausalLM),
+    "olmoe": Family(OlmoeConfig, OlmoeForCausalLM),
+    "qwen2_moe": Family(Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "qwen3_moe": Family(Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
 
 
