@@ -100,21 +100,27 @@ class StateDictAdapter:
 
     # ---- conversion ---------------------------------------------------------------------------------------
     def from_hf(self, get: Callable[[str], torch.Tensor], layout: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """(moecpt name, tensor) for the whole state dict, reading Hugging Face tensors with `get(name)`;
-        hub-layout experts are stacked; a selection bias the format has no place for starts at zero."""
-        for name, shape in self.state_shapes().items():
-            if name.endswith(BIAS) and not self.bias_in_hf:
-                yield name, torch.zeros(shape, dtype=torch.float32)
-            elif ".experts." not in name:
-                yield name, get(self.hf_name(name, layout))
-            elif layout == "fused":
-                yield name, get("model." + name.replace(".moe.", ".mlp."))
-            elif name.endswith("gate_up_proj"):
-                parts = list(self.hub_experts(name, shape))
-                yield name, torch.stack([torch.cat([get(g), get(u)]) for g, u in zip(parts[::2], parts[1::2],
-                                                                                    strict=True)])
-            else:
-                yield name, torch.stack([get(n) for n in self.hub_experts(name, shape)])
+        """(moecpt name, tensor) for the whole state dict, reading Hugging Face tensors with `get(name)`, one
+        moecpt tensor at a time (`hf_tensor`)."""
+        for name in self.state_shapes():
+            yield name, self.hf_tensor(name, get, layout)
+
+    def hf_tensor(self, name: str, get: Callable[[str], torch.Tensor], layout: str) -> torch.Tensor:
+        """The moecpt tensor `name`, read from Hugging Face tensors with `get(hf_name)`: hub-layout experts are
+        stacked; a selection bias the format has no place for starts at zero. The one place a family changes
+        how a tensor is read (dequantisation, interleaving); loaders call it tensor by tensor, so at most one
+        moecpt tensor is assembled at a time."""
+        shape = self.state_shapes()[name]
+        if name.endswith(BIAS) and not self.bias_in_hf:
+            return torch.zeros(shape, dtype=torch.float32)
+        if ".experts." not in name:
+            return get(self.hf_name(name, layout))
+        if layout == "fused":
+            return get("model." + name.replace(".moe.", ".mlp."))
+        parts = list(self.hub_experts(name, shape))
+        if name.endswith("gate_up_proj"):
+            return torch.stack([torch.cat([get(g), get(u)]) for g, u in zip(parts[::2], parts[1::2], strict=True)])
+        return torch.stack([get(n) for n in parts])
 
     def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """moecpt tensors renamed and split into the hub layout. A selection bias the format has no place
