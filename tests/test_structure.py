@@ -6,7 +6,7 @@ count as importing its parent packages (Python runs their __init__ too, but that
 
 Layers, bottom to top (a module may import its own layer and the ones below, never one above):
 
-    errors, config < kernels < model, data < parallel < train < eval < pipeline, report < cli
+    errors, config < kernels < model, data < parallel < train < tools < eval < pipeline, report < cli
 
 `moecpt/cli.py`, every `__main__.py` and every package's `cli.py` (where commands are registered) are the cli
 layer: they may import anything. `moecpt/__init__.py` re-exports and is exempt.
@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model", "data"),
     ("parallel",),
     ("train",),
+    ("tools",),
     ("eval",),
     ("pipeline", "report"),
     ("cli",),
