@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moecpt.errors import UserError
+from moecpt.model.rope import Yarn
 
 BALANCE_SCOPES = ("micro_batch", "sequence", "global")
 
@@ -74,12 +75,7 @@ class FamilyConfig:
                 and d["head_dim"] != d.get("hidden_size", 0) // heads:
             raise UserError(f"{source}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads; "
                             f"transformers' {cls.model_type} has no separate head size")
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
-        if rope:
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
-                raise UserError(f"{source}: rope type {rope_type!r} is not supported (only the default RoPE)")
-            d.setdefault("rope_theta", rope.get("rope_theta", d.get("rope_theta", 1e6)))
+        d |= cls.rope_kwargs(d, names, source)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(d.get(key), list):  # some configs list several ids; the first is the canonical one
                 d[key] = d[key][0] if d[key] else None
@@ -88,12 +84,36 @@ class FamilyConfig:
             raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
         return {k: v for k, v in d.items() if k in names}
 
+    @staticmethod
+    def rope_kwargs(d: dict[str, Any], names: set[str], source: str) -> dict[str, Any]:
+        """`rope_theta` (and `rope_scaling`, a `Yarn`, for a family config with that field) from a config.json's
+        `rope_parameters` (transformers 5) or `rope_scaling` (4.x) dict; rope types other than the default and
+        (where the family has it) YaRN are refused."""
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
+        if not rope:
+            return {"rope_scaling": None} if "rope_scaling" in names else {}
+        if not isinstance(rope, dict):
+            raise UserError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        supported = ("default", "yarn") if "rope_scaling" in names else ("default",)
+        if rope_type not in supported:
+            raise UserError(f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(supported)})")
+        out = {"rope_theta": rope.get("rope_theta", d.get("rope_theta", 1e6))}
+        if "rope_scaling" in names:
+            out["rope_scaling"] = Yarn.from_hf(rope, source) if rope_type == "yarn" else None
+        return out
+
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """A `config.json` dict that transformers (4.x and 5.x) reads as this family's model."""
+        """A `config.json` dict that transformers (4.x and 5.x) reads as this family's model: the RoPE in
+        `rope_parameters` (5.x) and, when scaled, in `rope_scaling` (4.x) too."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in MOECPT_FIELDS}
+        yarn = d.pop("rope_scaling", None)
+        rope = {"rope_type": "default"} if yarn is None else yarn.to_hf()
+        if yarn is not None:
+            d["rope_scaling"] = rope
         return d | {"architectures": [self.architecture], "model_type": self.model_type, "torch_dtype": dtype,
                     "use_cache": True, "output_router_logits": False,
-                    "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}} | self.hf_extras
+                    "rope_parameters": rope | {"rope_theta": self.rope_theta}} | self.hf_extras
 
     # ---- what generic code reads, and the checks every family makes -------------------------------------
     @property
