@@ -18,6 +18,7 @@ from moecpt.errors import UserError
 COMMAND_MODULES = (
     "moecpt.data.cli",
     "moecpt.train.cli",
+    "moecpt.tools.cli",
     "moecpt.parallel.cli",
     "moecpt.report.cli",
     "moecpt.pipeline.cli",
