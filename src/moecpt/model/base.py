@@ -114,14 +114,33 @@ class CausalLM(nn.Module):
                       else labels != IGNORE_INDEX if labels is not None else None)
         h, stats = self.trunk(input_ids, attention_mask, position_ids, intra_doc_attention, cache, token_mask)
         if targets is not None:
-            return self.loss_fn(h, self.lm_head.weight, targets, stats)
+            return self.losses(h, input_ids, targets, stats, attention_mask, position_ids, intra_doc_attention,
+                               token_mask)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if labels is None:
             aux, z = self.loss_fn.router_losses(stats)
             return CausalLMOutput(logits, None, None, aux, z, None, None, expert_counts(stats))
-        out = self.loss_fn(h, self.lm_head.weight, shift_labels(labels), stats)
+        out = self.losses(h, input_ids, shift_labels(labels), stats, attention_mask, position_ids,
+                          intra_doc_attention, token_mask)
         return CausalLMOutput(logits, out.loss, out.ce_loss, out.aux_loss, out.z_loss, out.num_targets,
                               out.token_loss, out.expert_counts)
+
+    def losses(self, h, input_ids, targets, stats, attention_mask, position_ids, intra_doc_attention,
+               token_mask) -> LossOutput:
+        """The one loss over the final hidden states, with a family's multi-token prediction loss (and its
+        layers' router statistics) when it has one (`mtp_loss`)."""
+        mtp, mtp_stats = self.mtp_loss(h, input_ids, targets, attention_mask, position_ids, intra_doc_attention,
+                                       token_mask)
+        out = self.loss_fn(h, self.lm_head.weight, targets, stats + mtp_stats)
+        if mtp is not None:
+            out.mtp_loss, out.mtp_coef = mtp, self.config.mtp_loss_coef
+        return out
+
+    def mtp_loss(self, h, input_ids, targets, attention_mask, position_ids, intra_doc_attention, token_mask
+                 ) -> tuple[torch.Tensor | None, list[RouterStats]]:
+        """Multi-token prediction (families that have it override this): its summed cross-entropy and its MoE
+        layers' router statistics; (None, []) for none."""
+        return None, []
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config ties them (again after `to_empty`, which

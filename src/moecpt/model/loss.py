@@ -30,15 +30,20 @@ class LossOutput:
     expert_counts: torch.Tensor  # [L, E] tokens routed to each expert (top-k assignments of real tokens)
     aux_coef: float = 0.0
     z_coef: float = 0.0
+    mtp_loss: torch.Tensor | None = None  # multi-token prediction: summed CE of the extra depths, depth mean
+    mtp_coef: float = 0.0
 
     def objective(self, ce_weight: torch.Tensor | float, router_weight: float = 1.0) -> torch.Tensor:
-        """What to differentiate: ce_weight x summed CE + router_weight x the weighted router losses (a
-        trainer passes 1 / global target count and 1 / micro-batches, so the gradient does not depend on how
-        the global batch is split)."""
+        """What to differentiate: ce_weight x (summed CE + mtp_coef x the MTP loss) + router_weight x the
+        weighted router losses (a trainer passes 1 / global target count and 1 / micro-batches, so the
+        gradient does not depend on how the global batch is split)."""
         router = self.aux_coef * self.aux_loss
         if self.z_coef:
             router = router + self.z_coef * self.z_loss
-        return self.token_loss.sum() * ce_weight + router_weight * router
+        ce = self.token_loss.sum()
+        if self.mtp_loss is not None and self.mtp_coef:
+            ce = ce + self.mtp_coef * self.mtp_loss
+        return ce * ce_weight + router_weight * router
 
     @property
     def ce_loss(self) -> torch.Tensor:
@@ -97,14 +102,18 @@ class LMLoss:
         """(load-balancing loss, z-loss), before their coefficients."""
         return load_balancing_loss(stats, self.num_experts, self.scope, self.group), router_z_loss(stats)
 
-    def __call__(self, h_BTH: torch.Tensor, head_VH: torch.Tensor, targets_BT: torch.Tensor,
-                 stats: list[RouterStats]) -> LossOutput:
+    def token_losses(self, h_BTH: torch.Tensor, head_VH: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """[B, T] fp32 cross-entropy of each target (0 where IGNORE_INDEX), the LM head applied chunk by chunk."""
         token_loss = linear_cross_entropy(h_BTH.reshape(-1, h_BTH.shape[-1]), head_VH, targets_BT.reshape(-1),
                                           chunk_tokens=self.chunk_tokens, ignore_index=IGNORE_INDEX,
                                           fused=self.fused)
+        return token_loss.view(targets_BT.shape)
+
+    def __call__(self, h_BTH: torch.Tensor, head_VH: torch.Tensor, targets_BT: torch.Tensor,
+                 stats: list[RouterStats]) -> LossOutput:
         aux, z = self.router_losses(stats)
-        return LossOutput(token_loss.view(targets_BT.shape), (targets_BT != IGNORE_INDEX).sum(), aux, z,
-                          expert_counts(stats), self.aux_coef, self.z_coef)
+        return LossOutput(self.token_losses(h_BTH, head_VH, targets_BT), (targets_BT != IGNORE_INDEX).sum(), aux,
+                          z, expert_counts(stats), self.aux_coef, self.z_coef)
 
 
 def expert_counts(stats: list[RouterStats]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from moecpt.kernels.swiglu import swiglu
 
+GROUP_RULES = ("top2_sum", "max")  # how a group of experts is scored for group-limited routing (Router)
 _NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -72,16 +73,27 @@ class Router(nn.Module):
     - `scoring`: "softmax" over the experts, or an independent "sigmoid" per expert;
     - selection: the top-k of the scores plus `e_score_correction_bias` when the module has that buffer
       (aux-loss-free balancing: the bias only chooses, it never weights; see `update_router_bias`);
+    - group-limited selection (DeepSeek) when `n_group` > 1: the experts are split into `n_group` equal groups,
+      each scored by `group_rule` ("top2_sum": the sum of its two best selection scores, DeepSeek-V3; "max":
+      its best score, DeepSeek-V2's group_limited_greedy), and a token picks its top-k among the experts of
+      its best `topk_group` groups only;
     - weights: the selected scores, renormalised to sum to one when `norm_topk`, times `scale`.
     Logits, scores and weights are fp32 whatever the autocast.
     """
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, scoring: str = "softmax", norm_topk: bool = True,
-                 bias: bool = False, scale: float = 1.0):
+                 bias: bool = False, scale: float = 1.0, n_group: int = 1, topk_group: int | None = None,
+                 group_rule: str = "top2_sum"):
         super().__init__()
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"router scoring {scoring!r}: choose softmax or sigmoid")
+        if group_rule not in GROUP_RULES:
+            raise ValueError(f"router group_rule {group_rule!r}: choose one of {', '.join(GROUP_RULES)}")
+        if n_group > 1 and (num_experts % n_group or not 0 < (topk_group or 0) <= n_group):
+            raise ValueError(f"group-limited routing needs num_experts ({num_experts}) divisible by n_group "
+                             f"({n_group}) and 0 < topk_group ({topk_group}) <= n_group")
         self.num_experts, self.top_k, self.scoring, self.norm_topk, self.scale = num_experts, top_k, scoring, norm_topk, scale
+        self.n_group, self.topk_group, self.group_rule = n_group, topk_group, group_rule
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
         if bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -92,16 +104,32 @@ class Router(nn.Module):
             logits_TE = F.linear(x_TH.float(), self.weight.float())
         scores_TE = logits_TE.softmax(dim=-1) if self.scoring == "softmax" else logits_TE.sigmoid()
         bias = getattr(self, "e_score_correction_bias", None)
-        if bias is None:
+        if bias is None and self.n_group <= 1:
             weights_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
         else:
-            experts_TK = (scores_TE + bias).topk(self.top_k, dim=-1).indices
+            choice_TE = scores_TE if bias is None else scores_TE + bias
+            if self.n_group > 1:
+                choice_TE = self.limit_to_groups(choice_TE)
+            experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
             weights_TK = scores_TE.gather(1, experts_TK)
         if self.norm_topk:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if self.scale != 1.0:
             weights_TK = weights_TK * self.scale
         return logits_TE, scores_TE, weights_TK, experts_TK
+
+
+    def limit_to_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """The selection scores with every expert outside the token's best `topk_group` groups set to -inf."""
+        T, E = choice_TE.shape
+        grouped_TGS = choice_TE.view(T, self.n_group, E // self.n_group)
+        if self.group_rule == "max":
+            group_TG = grouped_TGS.max(dim=-1).values
+        else:
+            group_TG = grouped_TGS.topk(min(2, E // self.n_group), dim=-1).values.sum(dim=-1)
+        best_TG = group_TG.topk(self.topk_group, dim=-1).indices
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        return grouped_TGS.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
 
 
 class DenseMLP(nn.Module):
@@ -249,9 +277,12 @@ class SparseMoeBlock(nn.Module):
 def update_router_bias(model: nn.Module, counts_LE: torch.Tensor, rate: float) -> None:
     """Aux-loss-free balancing (DeepSeek-V3): after an optimizer step, move each MoE layer's selection bias
     toward the under-loaded experts, bias_e += rate * sign(mean load - load_e), with the step's global
-    expert counts [MoE layers, E]. Not a gradient: the bias never enters the weights."""
+    expert counts [MoE layers, E], in module order (a model's multi-token prediction layers, registered after
+    its decoder layers, count only while they are trained). Not a gradient: the bias never enters the weights."""
     routers = [m.gate for m in model.modules() if isinstance(m, SparseMoeBlock)]
-    for router, load_E in zip(routers, counts_LE, strict=True):
+    if len(counts_LE) > len(routers):
+        raise ValueError(f"expert counts of {len(counts_LE)} MoE layers for a model with {len(routers)}")
+    for router, load_E in zip(routers, counts_LE, strict=False):
         bias = getattr(router, "e_score_correction_bias", None)
         if bias is not None:
             bias += rate * torch.sign(load_E.mean() - load_E).to(bias.dtype)
