@@ -122,20 +122,52 @@ class StateDictAdapter:
             return torch.stack([torch.cat([get(g), get(u)]) for g, u in zip(parts[::2], parts[1::2], strict=True)])
         return torch.stack([get(n) for n in parts])
 
+    def hf_region(self, name: str, get: Callable[[str], torch.Tensor],
+                  get_slice: Callable[[str, tuple[slice, ...]], torch.Tensor], layout: str,
+                  region: tuple[slice, ...]) -> torch.Tensor:
+        """The part `region` (one slice per dim, steps of 1) of the moecpt tensor `name`, for a sharded load.
+        Where the tensor is a plain rename of one Hugging Face tensor only that part is read (`get_slice(hf_name,
+        region)`); hub-layout experts read only the experts `region` covers, each sliced the same way. A family
+        that overrides `hf_tensor` (dequantisation, interleaving) gets `hf_tensor`'s result sliced: it stays
+        the one override point."""
+        if type(self).hf_tensor is not StateDictAdapter.hf_tensor or (name.endswith(BIAS) and not self.bias_in_hf):
+            return self.hf_tensor(name, get, layout)[region]
+        if ".experts." not in name:
+            return get_slice(self.hf_name(name, layout), region)
+        if layout == "fused":
+            return get_slice("model." + name.replace(".moe.", ".mlp."), region)
+        shape = self.state_shapes()[name]
+        experts, rest = region[0], region[1:]
+        parts = list(self.hub_experts(name, shape))
+        if not name.endswith("gate_up_proj"):
+            return torch.stack([get_slice(parts[j], rest) for j in range(experts.start, experts.stop)])
+        F, rows = shape[1] // 2, rest[0]
+        gate_rows = slice(min(rows.start, F), min(rows.stop, F))  # the rows of the gate half, then the up half
+        up_rows = slice(max(rows.start, F) - F, max(rows.stop, F) - F)
+        stacked = []
+        for j in range(experts.start, experts.stop):
+            halves = [get_slice(parts[2 * j + k], (r, *rest[1:])) for k, r in enumerate((gate_rows, up_rows))
+                      if r.stop > r.start]
+            stacked.append(torch.cat(halves))
+        return torch.stack(stacked)
+
     def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """moecpt tensors renamed and split into the hub layout. A selection bias the format has no place
-        for is dropped, with a warning when it holds anything."""
+        """moecpt tensors renamed and split into the hub layout (`to_hf_tensor` for each)."""
         out = {}
-        for name, shape in self.state_shapes().items():
-            t = state[name]
-            if name.endswith(BIAS) and not self.bias_in_hf:
-                if bool(t.any()):
-                    warnings.warn(f"{name} (the router's selection bias) has no place in the Hugging Face "
-                                  f"{self.config.model_type} format and is not exported; transformers will "
-                                  "route without it", stacklevel=2)
-                continue
-            if ".experts." not in name:
-                out[self.hf_name(name, "hub")] = t
-            else:
-                out |= {n: cut(t) for n, (_, cut) in self.hub_experts(name, shape).items()}
+        for name in self.state_shapes():
+            out |= self.to_hf_tensor(name, state[name])
         return out
+
+    def to_hf_tensor(self, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One moecpt tensor as its Hugging Face tensor(s) in the hub layout (views of `t`; a meta tensor gives
+        the names and shapes alone), so that an export can convert and write one tensor at a time. A selection
+        bias the format has no place for is dropped, with a warning when it holds anything."""
+        if name.endswith(BIAS) and not self.bias_in_hf:
+            if not t.is_meta and bool(t.any()):
+                warnings.warn(f"{name} (the router's selection bias) has no place in the Hugging Face "
+                              f"{self.config.model_type} format and is not exported; transformers will "
+                              "route without it", stacklevel=3)
+            return {}
+        if ".experts." not in name:
+            return {self.hf_name(name, "hub"): t}
+        return {n: cut(t) for n, (_, cut) in self.hub_experts(name, tuple(t.shape)).items()}

@@ -3,10 +3,23 @@ Hugging Face directory, strictly (every tensor used, every shape checked, else n
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import StorageReader
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
 
 from moecpt.errors import UserError
 from moecpt.model import hf
@@ -61,3 +74,75 @@ def from_pretrained(hf_dir: str | Path, dtype: torch.dtype | None = torch.float3
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model
+
+
+class HFShardReader(StorageReader):
+    """A Hugging Face directory as a `torch.distributed.checkpoint` storage: DCP's planner works out, from
+    each rank's DTensor placements (FSDP, expert parallelism, padding), which part of each moecpt tensor the
+    rank holds, and this reader fills exactly that part through the adapter (`hf_region`): memory-mapped
+    slices of the Hugging Face tensors, one moecpt tensor at a time, the files closed after each."""
+
+    def __init__(self, hf_dir: str | Path, config):
+        super().__init__()
+        self.hf_dir = Path(hf_dir)
+        self.adapter = family_of(config).adapter_cls(config)
+        self.tensors = hf.SafetensorsDir(self.hf_dir)
+        self.layout = self.adapter.detect_layout(self.tensors.names())
+        hf.check_tensors(self.tensors, self.adapter.hf_shapes(self.layout), str(self.hf_dir),
+                         optional=self.adapter.optional_hf_shapes())
+
+    def read_metadata(self) -> Metadata:
+        """Every moecpt tensor as one stored chunk of its full shape."""
+        def entry(shape):
+            size = torch.Size(shape)
+            return TensorStorageMetadata(TensorProperties(dtype=torch.float32), size,
+                                         [ChunkStorageMetadata(torch.Size([0] * len(shape)), size)])
+
+        return Metadata({name: entry(shape) for name, shape in self.adapter.state_shapes().items()})
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for req in sorted(plan.items, key=lambda r: r.storage_index.fqn):
+            region = tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths, strict=True))
+            target = planner.resolve_tensor(req).detach()
+            if target.numel():
+                part = self.adapter.hf_region(req.storage_index.fqn, self.tensors.get, self.tensors.get_slice,
+                                              self.layout, region)
+                target.copy_(part)
+                del part
+                self.tensors.close()
+            planner.commit_tensor(req, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return Path(checkpoint_id).is_dir()
+
+
+def load_hf_sharded(model: CausalLM, hf_dir: str | Path) -> None:
+    """Load a Hugging Face directory (hub or fused layout, single or sharded safetensors) into `model` as it is
+    laid out: one device, FSDP-sharded or expert-parallel. Every rank calls this; each reads only the parts of
+    each tensor its shards hold, so no rank holds the whole model (peak host memory: its shards plus one
+    tensor). Strict: every tensor used and every shape checked, before anything is read."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    reader = HFShardReader(hf_dir, model.config)
+    names = reader.adapter.state_shapes()
+    state = {k: v for k, v in get_model_state_dict(model).items() if k in names}  # a tied LM head: its embedding
+    with warnings.catch_warnings():  # one process without a process group is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state)

@@ -7,14 +7,16 @@ writes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moecpt.errors import UserError
 
@@ -74,6 +76,14 @@ class SafetensorsDir:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
+    def get_slice(self, name: str, region: tuple[slice, ...]) -> torch.Tensor:
+        """Only `region` of the tensor (one slice per leading dim): the memory-mapped file is read there alone."""
+        return self._handle(name).get_slice(name)[region]
+
+    def close(self) -> None:
+        """Drop the open files (their memory maps, and the pages read through them, go with them)."""
+        self._handles.clear()
+
     def _handle(self, name: str):
         path = self.files[name]
         if path not in self._handles:
@@ -119,46 +129,79 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+
+
 def save_pretrained(tensors: dict[str, torch.Tensor], config: Any, out_dir: str | Path,
                     max_shard_size: str | int = "5GB", dtype: torch.dtype | None = None) -> None:
     """Write `tensors` (Hugging Face names) as safetensors, sharded above `max_shard_size`, with config.json
     (`config.to_hf_dict`) and generation_config.json."""
+    shapes = {name: tuple(tensors[name].shape) for name in sorted(tensors)}
+    save_streamed(shapes, tensors.__getitem__, config, out_dir, max_shard_size,
+                  dtype or next(iter(tensors.values())).dtype)
+
+
+def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, limit: int) -> list[list[str]]:
+    """The tensor names of each file, in order, a new file begun where the next tensor would pass `limit` bytes."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_streamed(shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor], config: Any,
+                  out_dir: str | Path, max_shard_size: str | int = "5GB", dtype: torch.dtype = torch.float32) -> None:
+    """Write the Hugging Face tensors `shapes` names (in that order) as safetensors files of at most
+    `max_shard_size`, each tensor read with `get(name)` only when its bytes are written: each file's header
+    is known from the shapes, so no more than one tensor is held at a time. Then config.json
+    (`config.to_hf_dict`) and generation_config.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_dtype = dtype or next(iter(tensors.values())).dtype
-    dtype_name = {v: k for k, v in _DTYPES.items()}.get(out_dtype, "float32")
-
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * out_dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-
+    if dtype not in _ST_DTYPES:
+        raise UserError(f"cannot write {dtype} weights as safetensors; choose float32, bfloat16 or float16")
+    dtype_name = {v: k for k, v in _DTYPES.items()}.get(dtype, "float32")
+    shards = plan_shards(shapes, dtype.itemsize, parse_size(max_shard_size))
     for stale in [*out_dir.glob("model-*-of-*.safetensors"), out_dir / SINGLE_FILE, out_dir / INDEX_FILE]:
         stale.unlink(missing_ok=True)  # never leave shards of an earlier save beside the new ones
-    def write(shard: dict[str, torch.Tensor], path: Path) -> None:
-        # Expert tensors are views into the stacked weights: copy them (one shard at a time) before writing.
-        shard = {k: v.detach().to("cpu", dtype=out_dtype).clone() for k, v in shard.items()}
-        save_file(shard, str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o666 & ~_umask())  # safetensors writes owner-only files; others may need to read the model
-
-    if len(shards) == 1:
-        write(shards[0], out_dir / SINGLE_FILE)
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            write(shard, out_dir / fname)
-            weight_map |= dict.fromkeys(shard, fname)
-        total = sum(t.numel() for t in tensors.values()) * out_dtype.itemsize
+    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                                                    for k in range(1, len(shards) + 1)]
+    for fname, shard in zip(names, shards, strict=True):
+        _write_safetensors(out_dir / fname, {n: shapes[n] for n in shard}, get, dtype)
+    if len(shards) > 1:
+        total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+        weight_map = {n: fname for fname, shard in zip(names, shards, strict=True) for n in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
     (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(dtype_name), indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor],
+                       dtype: torch.dtype) -> None:
+    """One safetensors file (the format: an 8-byte little-endian header length, the JSON header padded with
+    spaces to 8 bytes, then each tensor's bytes in header order), written tensor by tensor."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes.items():
+            t = get(name).detach().to("cpu", dtype=dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)}, planned {shape}")
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    os.chmod(path, 0o666 & ~_umask())  # readable by others, as transformers' files are

@@ -30,6 +30,7 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 from moecpt.config import CheckpointSection
 from moecpt.errors import UserError
 from moecpt.model import CausalLM, build_model, from_pretrained
+from moecpt.model.auto import load_hf_sharded
 from moecpt.model.families import family
 from moecpt.parallel.dist import all_reduce, barrier, rank
 
@@ -356,15 +359,51 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    """Only the model weights of a checkpoint (for init_from and export)."""
-    if not (ckpt / COMPLETE).is_file():
-        raise UserError(f"{ckpt} is not a complete moecpt checkpoint (no {COMPLETE} marker)")
-    check_checkpoint(ckpt)
-    model_sd = get_model_state_dict(model, options=StateDictOptions())
+def load_model_weights(src: Path, model: torch.nn.Module) -> None:
+    """Only the model weights (for init_from and export) of a Hugging Face directory or a moecpt checkpoint,
+    into a model on one device, FSDP-sharded or expert-parallel (every rank calls it). Nothing is gathered:
+    each rank reads only the parts of each tensor that its shards hold (DCP's plan from the placements), one
+    tensor at a time: memory-mapped slices of the safetensors files, or the DCP checkpoint's chunks."""
+    src = Path(src)
+    if is_hf_dir(src):
+        load_hf_sharded(model, src)
+        return
+    if not (src / COMPLETE).is_file():
+        raise UserError(f"{src} is not a complete moecpt checkpoint (no {COMPLETE} marker)")
+    check_checkpoint(src)
+    model_sd = get_model_state_dict(model, options=StateDictOptions())  # the local shards, not a gathered copy
     with _single_process_ok():
-        dcp.load({"model": model_sd}, checkpoint_id=str(ckpt))
-    set_model_state_dict(model, model_sd)  # plain or sharded (FSDP / expert-parallel) model alike
+        dcp.load({"model": model_sd}, checkpoint_id=str(src))
+    set_model_state_dict(model, model_sd)
+
+
+class _OnceReadMetadata(FileSystemReader):
+    """A DCP reader that reads `.metadata` once, for many one-tensor loads."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self._metadata = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+def checkpoint_tensors(ckpt: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full model tensors `names` of a checkpoint saved at any world size and EP layout, read one at a
+    time in this process (each from its saved chunks alone): never the whole model."""
+    check_checkpoint(ckpt)
+    reader = _OnceReadMetadata(ckpt)
+    stored = reader.read_metadata().state_dict_metadata
+    for name in names:
+        meta = stored.get(f"model.{name}")
+        if meta is None:
+            raise UserError(f"{ckpt}: the checkpoint has no tensor {name}; it was written by another model")
+        t = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        with _single_process_ok():
+            dcp.load({"model": {name: t}}, storage_reader=reader, no_dist=True)
+        yield name, t
 
 
 def set_aside_later(ckpt_root: Path, step: int) -> list[Path]:

@@ -41,18 +41,19 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from moecpt.train.checkpoint import find_checkpoint, load_model, read_trainer_state
-    from moecpt.train.export import export_hf
+    from moecpt.train.checkpoint import find_checkpoint, read_trainer_state
+    from moecpt.train.export import export_checkpoint
 
     ckpt = find_checkpoint(Path(args.checkpoint))
     if ckpt is None:
         raise UserError(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with checkpoints/")
     state = read_trainer_state(ckpt)
-    model = load_model(ckpt, dtype=getattr(torch, args.dtype) if args.dtype else None)
     tok = state.get("tokenizer")
-    if tok and not Path(tok).is_file():
+    if tok and not Path(tok).exists():
         print(f"warning: the tokenizer the run used ({tok}) is gone; the export has no tokenizer files")
         tok = None
-    out = export_hf(model, tok, Path(args.out_dir))
+    # Tensor by tensor from the sharded checkpoint (any world size and EP layout): never the whole model.
+    out = export_checkpoint(ckpt, Path(args.out_dir), tok, getattr(torch, args.dtype) if args.dtype else None,
+                            args.max_shard_size)
     print(json.dumps({"checkpoint": str(ckpt), "step": state["step"], "exported": str(out)}))
     return 0

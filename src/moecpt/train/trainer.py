@@ -30,7 +30,7 @@ from moecpt.data.loader import MixtureLoader
 from moecpt.data.mixture import MixtureDataset
 from moecpt.data.tokenizer import Tokenizer
 from moecpt.errors import UserError
-from moecpt.model import CausalLM, from_pretrained
+from moecpt.model import CausalLM
 from moecpt.model.families import family_of
 from moecpt.model.moe import update_router_bias
 from moecpt.parallel import dist as pdist
@@ -151,19 +151,10 @@ class Trainer:
         self.start_mode = f"resumed from {target} at step {self.step}"
 
     def init_from(self, src: Path) -> None:
-        """Weights only (continual pre-training): from a Hugging Face directory or a moecpt checkpoint."""
-        if ckpt_lib.is_hf_dir(src):
-            full = None
-            if self.rt.is_main or self.rt.world == 1:  # rank 0 reads the weights (and broadcasts them)
-                full = from_pretrained(src, device=self.rt.device if self.rt.world == 1 else "cpu").state_dict()
-                for name, b in self.model.named_buffers():  # a selection bias the source has no place for
-                    full.setdefault(name, torch.zeros(b.shape, dtype=b.dtype))
-            if self.rt.world > 1:
-                par.load_full_state_dict(self.model, full)
-            else:
-                self.model.load_state_dict(full)
-        else:
-            ckpt_lib.load_model_weights(src, self.model)
+        """Weights only (continual pre-training): from a Hugging Face directory or a moecpt checkpoint. Every
+        rank reads only the parts of each tensor its shards hold, one tensor at a time: no rank holds the
+        whole model, and nothing is broadcast."""
+        ckpt_lib.load_model_weights(src, self.model)
         self.start_mode = f"initialised from {src} (weights only: fresh optimizer, schedule and data)"
 
     # ---- one optimizer step -------------------------------------------------------------------------------
