@@ -84,21 +84,25 @@ class Merger:
                     lines.append(f"  {title} {where} ({len(items)}): " + ", ".join(items[:12])
                                  + (f", ... and {len(items) - 12} more" if len(items) > 12 else ""))
             raise UserError("\n".join(lines))
-        for name, t in tensors.items():
-            mine = self.names[name].shape
-            if name in self.vocab and self.embeddings == "skip":
-                continue
-            if name in self.vocab and self.embeddings == "shared_rows":
-                if t.shape[1:] != mine[1:]:
-                    raise UserError(f"merge: {name} is {tuple(t.shape)} in {path} and {tuple(mine)} in "
-                                    f"{self.first_path}: only the number of rows (the vocabulary) may differ")
-            elif t.shape != mine:
-                hint = (" (a vocabulary-sized tensor: --embeddings shared_rows merges the rows both have, skip "
-                        "takes the first model's)") if name in self.vocab else ""
-                raise UserError(f"merge: {name} is {tuple(t.shape)} in {path} and {tuple(mine)} in "
-                                f"{self.first_path}{hint}")
+        misshaped = [f"{name} {tuple(t.shape)} (first {tuple(self.names[name].shape)})"
+                     for name, t in tensors.items() if not self._shape_ok(name, t.shape)]
+        if misshaped:
+            vocab = any(n.split(" ")[0] in self.vocab for n in misshaped)
+            hint = ("; for the vocabulary-sized tensors, --embeddings shared_rows merges the rows every input has "
+                    "and skip takes the first model's") if vocab else ""
+            raise UserError(f"merge: tensors of {path} differ in shape from {self.first_path}'s "
+                            f"({len(misshaped)}): " + ", ".join(misshaped[:12])
+                            + (f", ... and {len(misshaped) - 12} more" if len(misshaped) > 12 else "") + hint)
         _warn_config_differences(model, path, self.first, self.first_path)
         return tensors
+
+    def _shape_ok(self, name: str, shape: torch.Size) -> bool:
+        mine = self.names[name].shape
+        if name in self.vocab and self.embeddings == "skip":
+            return True
+        if name in self.vocab and self.embeddings == "shared_rows":
+            return shape[1:] == mine[1:]  # only the number of rows (the vocabulary) may differ
+        return shape == mine
 
     def add(self, model: CausalLM, path: str, coef: float) -> None:
         """acc += coef * model (acc = coef * model for the first term)."""
