@@ -52,6 +52,23 @@ class DataSection:
     valid_max_documents: int = 200
     # Start this mixture afresh at the resumed sample count instead of refusing a changed data stream.
     new_stage: bool = False
+    # Later mixtures, each from its optimizer step on ([[data.stages]]: start_step, mixture); `mixture` above
+    # is the first stage's. Each corpus continues its own pass across stages (docs/cpt.md, "Stages").
+    stages: list[DataStage] = field(default_factory=list)
+
+    def check_stages(self, steps: int) -> None:
+        """Stage boundaries rise, lie inside the run, and every stage's mixture names known corpora."""
+        last = 0
+        for i, stage in enumerate(self.stages):
+            key = f"data.stages[{i}]"
+            if not last < stage.start_step < steps:
+                after = f"the previous stage's start_step ({last})" if i else "0"
+                raise UserError(f"config: {key}.start_step = {stage.start_step} must be above {after} and below "
+                                f"training.steps ({steps}); list the stages in the order they begin")
+            if not stage.mixture.strip():
+                raise UserError(f"config: {key}.mixture is empty; e.g. mixture = '0.9 ja 0.1 en'")
+            check_mixture(stage.mixture, self.corpora, f"{key}.mixture")
+            last = stage.start_step
 
     def check_corpora_listed(self) -> None:
         """Each data.corpora entry lists something (checked before training; a recipe may fill them in later)."""
@@ -64,24 +81,39 @@ class DataSection:
     def check_sources(self) -> None:
         """Each mixture entry has a positive finite weight and names a data.corpora key, a shard prefix or a
         file (the mixture itself is parsed by moecpt.data)."""
-        parts = self.mixture.split()
-        if len(parts) < 2 or len(parts) % 2:
-            return  # one prefix alone, or malformed: moecpt.data.mixture says what is wrong
-        for weight, entry in zip(parts[::2], parts[1::2], strict=True):
-            try:
-                w = float(weight)
-            except ValueError:
-                raise UserError(f"config: data.mixture: weight {weight!r} of {entry!r} is not a number; write "
-                                "weight and name pairs, e.g. '0.644 ja 0.256 en 0.1 code'") from None
-            if not (math.isfinite(w) and w > 0):
-                raise UserError(f"config: data.mixture: the weight of {entry!r} must be a positive finite number "
-                                f"(got {weight}); e.g. '0.7 ja 0.3 en'")
-            for src in entry.rpartition("=")[2].split(","):
-                if src not in self.corpora and not _names_a_file(src):
-                    known = ", ".join(self.corpora) or "none"
-                    raise UserError(f"config: data.mixture names {src!r}, which is neither a key of "
-                                    f"[data.corpora] (keys: {known}) nor a shard prefix or file; add it under "
-                                    f"[data.corpora] ({src} = [\"path/to/*.jsonl\"]) or correct the name")
+        check_mixture(self.mixture, self.corpora, "data.mixture")
+
+
+@dataclass
+class DataStage:
+    """A later data stage: from optimizer step `start_step` on, samples come from `mixture` (same syntax as
+    data.mixture, names from data.corpora)."""
+
+    start_step: int = 0
+    mixture: str = ""
+
+
+def check_mixture(mixture: str, corpora: dict[str, list[str]], key: str) -> None:
+    """Each entry of a mixture string has a positive finite weight and names a data.corpora key, a shard
+    prefix or a file (the mixture itself is parsed by moecpt.data)."""
+    parts = mixture.split()
+    if len(parts) < 2 or len(parts) % 2:
+        return  # one prefix alone, or malformed: moecpt.data.mixture says what is wrong
+    for weight, entry in zip(parts[::2], parts[1::2], strict=True):
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UserError(f"config: {key}: weight {weight!r} of {entry!r} is not a number; write "
+                            "weight and name pairs, e.g. '0.644 ja 0.256 en 0.1 code'") from None
+        if not (math.isfinite(w) and w > 0):
+            raise UserError(f"config: {key}: the weight of {entry!r} must be a positive finite number "
+                            f"(got {weight}); e.g. '0.7 ja 0.3 en'")
+        for src in entry.rpartition("=")[2].split(","):
+            if src not in corpora and not _names_a_file(src):
+                known = ", ".join(corpora) or "none"
+                raise UserError(f"config: {key} names {src!r}, which is neither a key of "
+                                f"[data.corpora] (keys: {known}) nor a shard prefix or file; add it under "
+                                f"[data.corpora] ({src} = [\"path/to/*.jsonl\"]) or correct the name")
 
 
 @dataclass
@@ -95,10 +127,64 @@ class OptimizerSection:
     grad_clip: float = 1.0
 
 
+SCHEDULE_KINDS = ("warmup_cosine", "wsd", "infinite", "constant")
+DECAY_SHAPES = ("cosine", "linear", "1-sqrt")
+
+
 @dataclass
 class ScheduleSection:
+    """The learning-rate schedule (moecpt.train.schedule; when to use which: docs/cpt.md)."""
+
+    # warmup_cosine: warmup, then decay to min_lr over all the steps after it (Swallow-MX).
+    # wsd: warmup, stable at lr, then decay to min_lr over the last decay_fraction of the steps.
+    # infinite: warmup, cooldown to constant_lr over cooldown_steps, constant, then (anneal_steps > 0) a final
+    #   anneal to min_lr over the last anneal_steps.
+    # constant: warmup, then lr.
+    kind: str = "warmup_cosine"
     warmup_steps: int = 1000
-    decay: str = "cosine"  # cosine | linear | constant, from lr to min_lr over the steps after warmup
+    # The shape of every decay: cosine | linear | 1-sqrt. ("constant" is the old spelling of kind = "constant".)
+    decay: str = "cosine"
+    decay_fraction: float = 0.2  # wsd
+    cooldown_steps: int = 0  # infinite
+    constant_lr: float = 0.0  # infinite: the plateau (between optimizer.min_lr and optimizer.lr)
+    anneal_steps: int = 0  # infinite: 0 = no final anneal (the run ends on the plateau, ready to branch)
+    # A cooldown branch: with init_from = a moecpt checkpoint, keep its optimizer state, step count and data
+    # position, and decay from the LR its last step had to min_lr at training.steps (shape: decay).
+    decay_only: bool = False
+
+    def problems(self, steps: int, lr: float, min_lr: float) -> list[tuple[str, str]]:
+        """(key, what is wrong) for each setting that does not fit the run's steps and learning rates."""
+        out = []
+        if self.kind not in SCHEDULE_KINDS:
+            out.append(("schedule.kind", f"must be one of {', '.join(SCHEDULE_KINDS)}"))
+        if self.decay == "constant" and self.kind != "warmup_cosine":
+            out.append(("schedule.decay", "= 'constant' is the old spelling of schedule.kind = 'constant'; use "
+                                          "that, with decay = cosine, linear or 1-sqrt"))
+        elif self.decay not in (*DECAY_SHAPES, "constant"):
+            out.append(("schedule.decay", f"must be one of {', '.join(DECAY_SHAPES)} (the shape of the decay)"))
+        if self.warmup_steps < 0:
+            out.append(("schedule.warmup_steps", "must be >= 0"))
+        if self.kind == "wsd" and not 0 < self.decay_fraction <= 1:
+            out.append(("schedule.decay_fraction", "must be above 0 and at most 1 (wsd decays over the last "
+                                                   "decay_fraction of the steps; 0.1-0.2 is usual)"))
+        if self.kind == "wsd" and self.warmup_steps + max(1, round(self.decay_fraction * steps)) > steps:
+            out.append(("schedule.decay_fraction", f"leaves no room for the {self.warmup_steps} warmup steps in "
+                                                   f"training.steps = {steps}; lower one of them"))
+        if self.kind == "infinite":
+            out += self._infinite_problems(steps, lr, min_lr)
+        return out
+
+    def _infinite_problems(self, steps: int, lr: float, min_lr: float) -> list[tuple[str, str]]:
+        out = []
+        if not min_lr <= self.constant_lr <= lr or self.constant_lr <= 0:
+            out.append(("schedule.constant_lr", f"must be positive and between optimizer.min_lr ({min_lr:g}) and "
+                                                f"optimizer.lr ({lr:g}), e.g. {lr / 2:g}"))
+        if self.cooldown_steps < 0 or self.anneal_steps < 0:
+            out.append(("schedule.cooldown_steps", "and schedule.anneal_steps must be >= 0"))
+        elif self.warmup_steps + self.cooldown_steps + self.anneal_steps > steps:
+            out.append(("schedule.cooldown_steps", f"+ warmup_steps + anneal_steps must fit in training.steps "
+                                                   f"({steps})"))
+        return out
 
 
 @dataclass
@@ -191,9 +277,6 @@ class TrainConfig:
             (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "training.device",
              "must be auto, cpu or cuda"),
             (t.dtype in ("auto", "float32", "bfloat16"), "training.dtype", "must be auto, float32 or bfloat16"),
-            (self.schedule.decay in ("cosine", "linear", "constant"), "schedule.decay",
-             "must be cosine, linear or constant"),
-            (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0"),
             (math.isfinite(o.lr) and o.lr > 0, "optimizer.lr", "must be a positive finite number, e.g. 2e-5"),
             (0 <= o.min_lr <= o.lr, "optimizer.min_lr", "must be between 0 and optimizer.lr"),
             (o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 turns clipping off)"),
@@ -217,10 +300,15 @@ class TrainConfig:
              f"must be one of {', '.join(SDPA_CHOICES)}"),
             (self.kernels.loss_chunk_tokens > 0, "kernels.loss_chunk_tokens", "must be positive"),
         ]
+        checks += [(False, key, what) for key, what in self.schedule.problems(t.steps, o.lr, o.min_lr)]
+        if self.schedule.decay_only and not self.init_from:
+            checks.append((False, "schedule.decay_only", "needs init_from = a checkpoint to branch from (e.g. "
+                                                         "--init_from=RUN/checkpoints/step_00002000)"))
         for ok, key, what in checks:
             if not ok:
                 raise UserError(f"config: {key} {what} (got {_get(self, key)!r})")
         self.data.check_sources()
+        self.data.check_stages(t.steps)
 
 
 def _names_a_file(src: str) -> bool:
@@ -265,6 +353,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, it, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):  # a table in an array of tables, e.g. [[data.stages]]
+        if not isinstance(value, dict):
+            raise UserError(f"config: {key} must be a table, got {value!r}")
+        return dataclass_from_dict(tp, value, f"{key}.", "config")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is type(None) and value is None:
@@ -360,6 +452,8 @@ def _toml_value(v: Any) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if dataclasses.is_dataclass(v):
+        return _toml_value(dataclasses.asdict(v))
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

@@ -8,12 +8,16 @@ ranks. Nothing is re-sharded or re-iterated: the loader only ever computes sampl
 Batches are dicts of numpy arrays (convert with `torch.from_numpy`; `moecpt.data` does not import torch):
 `tokens` int64 [B, seq_len + 1], `position_ids` int64 [B, seq_len] (restarting at 0 at each document start),
 `corpus` int64 [B] and `index` int64 [B] (the global sample indices).
+
+Stages: a loader may be given later datasets, each from a global sample count on (`stage_datasets`); it moves
+to the next one when its first sample comes, so every sample of a stage is served once, and a resume inside a
+stage continues it exactly.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,10 +88,15 @@ class MixtureLoader:
         micro_batch: int,
         rank: int = 0,
         world_size: int = 1,
+        later_stages: Sequence[tuple[int, MixtureDataset]] = (),
     ):
+        """`later_stages`: (first global sample, dataset) of each stage after `dataset`'s, ascending (see
+        `moecpt.data.mixture.stage_datasets`)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.dataset, self.micro_batch, self.rank, self.world_size = dataset, micro_batch, rank, world_size
+        self.stages: list[tuple[int, MixtureDataset]] = [(0, dataset), *later_stages]
+        self.stage = 0  # index into self.stages of the stage being served
         self.state = DataLoaderState(fingerprint=dataset.fingerprint(), parts=dataset.fingerprint_parts())
 
     @property
@@ -100,6 +109,7 @@ class MixtureLoader:
         return np.arange(base, base + self.micro_batch, dtype=np.int64)
 
     def next_batch(self) -> dict[str, np.ndarray]:
+        self._enter_due_stages()
         idx = self.indices()
         batch = collate([self.dataset[int(i)] for i in idx])
         batch["index"] = idx
@@ -109,6 +119,34 @@ class MixtureLoader:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
             yield self.next_batch()
+
+    def _enter_due_stages(self) -> None:
+        """Move to each later stage whose first sample has come (its sample 0 is served next)."""
+        while self.stage + 1 < len(self.stages) and self.state.samples_consumed >= self.stages[self.stage + 1][0]:
+            self.stage += 1
+            self._begin(self.stages[self.stage][1], self.state.samples_consumed, self.state)
+
+    def _begin(self, dataset: MixtureDataset, at_sample: int, previous: DataLoaderState) -> None:
+        """Serve `dataset` from its sample 0 at global sample count `at_sample`; `previous` goes to the record."""
+        self.state.stages = [*previous.stages, {"start": previous.stage_start, "fingerprint": previous.fingerprint,
+                                                "parts": previous.parts}]
+        self.dataset = dataset
+        self.state.fingerprint, self.state.parts = dataset.fingerprint(), dataset.fingerprint_parts()
+        self.start_new_stage(at_sample)
+
+    def stage_at(self, sample: int) -> int:
+        """The index of the configured stage that global sample `sample` falls in."""
+        return max(k for k, (start, _) in enumerate(self.stages) if start <= sample)
+
+    def stage_report(self, total_samples: int) -> list[dict[str, Any]]:
+        """Per configured stage: its sample range within the first `total_samples` and the mixture report
+        (weights, realised shares, passes) over it."""
+        out = []
+        for k, (start, ds) in enumerate(self.stages):
+            end = self.stages[k + 1][0] if k + 1 < len(self.stages) else total_samples
+            end = min(end, total_samples)
+            out.append({"stage": k, "start_sample": start, "end_sample": end, "rows": ds.report(max(0, end - start))})
+        return out
 
     def epochs_used(self) -> dict[str, float]:
         """Passes over each corpus made so far in this stage (above 1.0: data has been repeated)."""
@@ -122,6 +160,15 @@ class MixtureLoader:
         refused, naming what changed, unless `new_stage`: then the current mixture starts afresh (from its
         sample 0) at the saved sample count, as when continual pre-training moves to a new data mix."""
         saved = DataLoaderState.from_dict(state)
+        self.stage = self.stage_at(saved.stage_start)
+        self.dataset = self.stages[self.stage][1]
+        if self.stage + 1 < len(self.stages) and self.stages[self.stage + 1][0] < saved.samples_consumed:
+            raise UserError(
+                f"a data stage is configured to start at global sample {self.stages[self.stage + 1][0]}, but the "
+                f"saved data position is already at sample {saved.samples_consumed}: a stage cannot start in the "
+                "past. Start it at a later step (data.stages start_step), or start the new mixture here with "
+                "data.new_stage = true and data.mixture"
+            )
         current = self.dataset.fingerprint()
         if saved.fingerprint == current:
             self.state = DataLoaderState(**{**asdict(saved), "parts": self.dataset.fingerprint_parts()})
@@ -136,12 +183,7 @@ class MixtureLoader:
                 + ". Resume with the original data settings, or start a new data stage at this point "
                 "(new_stage=True; in a training config data.new_stage = true) to train on the new mixture from here"
             )
-        stages = [
-            *saved.stages,
-            {"start": saved.stage_start, "fingerprint": saved.fingerprint, "parts": saved.parts},
-        ]
-        self.state.stages = stages
-        self.start_new_stage(saved.samples_consumed)
+        self._begin(self.dataset, saved.samples_consumed, saved)
 
     def start_new_stage(self, at_sample: int) -> None:
         """Begin this loader's mixture at global sample count `at_sample` (its sample 0 comes next), e.g. to

@@ -19,6 +19,12 @@ ones before it (resume at sample 10^9 costs what resume at sample 10 costs):
 
 Each corpus holds out a deterministic set of documents as its validation split (`validation_dataset`);
 those never appear in training samples.
+
+Stages (`stage_datasets`): a run may change its mixture at fixed sample counts. Each stage is a
+`MixtureDataset` of its own whose corpora continue their passes where the earlier stages left them (its
+`offsets`: samples of each corpus used before it) with the same shuffles (its `streams`: a corpus keeps its
+seed key across stages), so a corpus in several stages serves each of its samples once over the whole run,
+until it runs out.
 """
 
 from __future__ import annotations
@@ -289,7 +295,11 @@ class MixtureDataset:
         valid_fraction: float = 0.01,
         valid_max_documents: int = 1000,
         block_size: int = 1000,
+        offsets: Mapping[str, int] | None = None,
+        streams: Sequence[int] | None = None,
     ):
+        """`offsets`: per corpus name, its samples used before this dataset's sample 0 (a later stage);
+        `streams`: per entry, the key of its shuffles (default: its index), kept by a corpus across stages."""
         if seq_len < 1:
             raise UserError(f"seq_len must be positive, got {seq_len}")
         self.entries = parse_mixture(mixture)
@@ -297,6 +307,10 @@ class MixtureDataset:
         self.valid_fraction, self.valid_max_documents = valid_fraction, valid_max_documents
         self.corpora = [Corpus(e, valid_fraction, valid_max_documents) for e in self.entries]
         self.tokenizer_fingerprint = _one_tokenizer(self.corpora)
+        self.offsets = np.array([int((offsets or {}).get(c.name, 0)) for c in self.corpora], dtype=np.int64)
+        self.streams = [int(x) for x in streams] if streams is not None else list(range(len(self.corpora)))
+        if len(self.streams) != len(self.corpora):
+            raise ValueError(f"{len(self.streams)} streams for {len(self.corpora)} mixture entries")
         self.samples_per_epoch = np.array([max(0, (c.train_tokens - 1) // seq_len) for c in self.corpora])
         for c, s in zip(self.corpora, self.samples_per_epoch, strict=True):
             if s == 0:
@@ -314,20 +328,18 @@ class MixtureDataset:
         self._logged_epochs: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
-        """Samples before the first corpus would start a second epoch."""
-        n = min(
-            int(s) * self.block_size // int(q)
-            for s, q in zip(self.samples_per_epoch, self.quota, strict=True)
-        )
-        while n > 0 and np.any(self.corpus_counts(n) > self.samples_per_epoch):
+        """Samples before the first corpus would start a second epoch (counting what `offsets` used)."""
+        left = np.maximum(self.samples_per_epoch - self.offsets, 0)
+        n = min(int(s) * self.block_size // int(q) for s, q in zip(left, self.quota, strict=True))
+        while n > 0 and np.any(self.corpus_counts(n) > left):
             n -= 1
         return n
 
     def locate(self, index: int) -> tuple[int, int]:
-        """(corpus, index among that corpus's samples) of global sample `index`."""
+        """(corpus, index among that corpus's samples, offset included) of global sample `index`."""
         block, slot = divmod(index, self.block_size)
         c = int(self.pattern[slot])
-        return c, block * int(self.quota[c]) + int(self.rank[slot])
+        return c, int(self.offsets[c]) + block * int(self.quota[c]) + int(self.rank[slot])
 
     def corpus_counts(self, num_samples: int) -> np.ndarray:
         """How many of the first `num_samples` global samples come from each corpus."""
@@ -337,14 +349,14 @@ class MixtureDataset:
 
     def epochs_used(self, num_samples: int) -> dict[str, float]:
         """Passes over each corpus's training data made by the first `num_samples` samples (>1 means repeats)."""
-        counts = self.corpus_counts(num_samples)
+        counts = self.corpus_counts(num_samples) + self.offsets
         return {
             c.name: float(n / s) for c, n, s in zip(self.corpora, counts, self.samples_per_epoch, strict=True)
         }
 
     def _build_epoch(self, c: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         corpus = self.corpora[c]
-        rng = np.random.default_rng([self.seed, c, epoch])
+        rng = np.random.default_rng([self.seed, self.streams[c], epoch])
         docs = corpus.train_docs[rng.permutation(corpus.train_docs.size)]
         ends = np.cumsum(corpus.doc_length[docs])
         window_order = rng.permutation(int(self.samples_per_epoch[c]))
@@ -387,7 +399,7 @@ class MixtureDataset:
 
     def fingerprint_parts(self) -> dict[str, Any]:
         """Everything the sample order depends on, by name, so a mismatch can say what changed."""
-        return {
+        parts = {
             "seq_len": self.seq_len,
             "seed": self.seed,
             "block_size": self.block_size,
@@ -396,6 +408,10 @@ class MixtureDataset:
             "tokenizer": sorted({str(h) for c in self.corpora for h in c.tokenizer_hashes()}),
             "shards": {c.name: c.fingerprints for c in self.corpora},
         }
+        if self.offsets.any() or self.streams != list(range(len(self.corpora))):  # a later stage
+            parts["offsets"] = {c.name: int(o) for c, o in zip(self.corpora, self.offsets, strict=True)}
+            parts["streams"] = list(self.streams)
+        return parts
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.fingerprint_parts())
@@ -404,7 +420,7 @@ class MixtureDataset:
         """Per corpus: weight, documents, tokens, samples per epoch and the realised share over `num_samples`."""
         counts = self.corpus_counts(num_samples)
         rows = []
-        for c, n, s in zip(self.corpora, counts, self.samples_per_epoch, strict=True):
+        for c, n, s, off in zip(self.corpora, counts, self.samples_per_epoch, self.offsets, strict=True):
             rows.append(
                 {
                     "name": c.name,
@@ -416,10 +432,38 @@ class MixtureDataset:
                     "samples": int(n),
                     "tokens": int(n) * self.seq_len,
                     "share": float(n / max(1, num_samples)),
-                    "epochs": float(n / s),
+                    "epochs": float((n + off) / s),  # passes over the corpus so far, earlier stages included
                 }
             )
         return rows
+
+
+def stage_datasets(first: MixtureDataset, later: Sequence[tuple[int, MixtureSpec]]) -> list[tuple[int, MixtureDataset]]:
+    """The stages of a run as (first global sample, dataset): `first` from sample 0, then each later mixture
+    from its start (ascending). A corpus (by name) continues its pass and its shuffles where the earlier
+    stages left it, so its samples are served once across the stages, not again from its start."""
+    out = [(0, first)]
+    streams = {c.name: (s, c.fingerprints) for c, s in zip(first.corpora, first.streams, strict=True)}
+    used: dict[str, int] = {}
+    for start, spec in later:
+        prev_start, prev = out[-1]
+        if start <= prev_start:
+            raise UserError(f"data stages must start in order: a stage at sample {start} follows one at {prev_start}")
+        counts = prev.corpus_counts(start - prev_start) + prev.offsets
+        used.update((c.name, int(n)) for c, n in zip(prev.corpora, counts, strict=True))
+        entries = parse_mixture(spec)
+        keys = []
+        for e in entries:  # a corpus new in this stage gets a shuffle key no earlier corpus has
+            keys.append(streams[e.name][0] if e.name in streams else max([*keys, *(k for k, _ in streams.values())]) + 1)
+        ds = MixtureDataset(entries, first.seq_len, first.seed, first.allow_repeat, first.valid_fraction,
+                            first.valid_max_documents, first.block_size, offsets=used, streams=keys)
+        for c, key in zip(ds.corpora, keys, strict=True):
+            earlier = streams.setdefault(c.name, (key, c.fingerprints))[1]
+            if earlier != c.fingerprints:
+                raise UserError(f"data stage at sample {start}: corpus {c.name!r} is made of other shards than in an "
+                                "earlier stage; give the new sources another name")
+        out.append((start, ds))
+    return out
 
 
 def fingerprint_of(parts: dict[str, Any]) -> str:

@@ -1,13 +1,15 @@
-"""AdamW with weight decay on matrices only, and the warmup + decay learning-rate schedule."""
+"""AdamW with weight decay on matrices only. The learning-rate schedules are in moecpt.train.schedule
+(`lr_at` is importable from here too)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-from moecpt.config import OptimizerSection, ScheduleSection
+from moecpt.config import OptimizerSection
+from moecpt.train.schedule import lr_at
+
+__all__ = ["build_optimizer", "is_decayed", "lr_at", "param_groups"]
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:
@@ -32,21 +34,3 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, device: torch.devic
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=device.type == "cuda" or None,
     )
-
-
-def lr_at(step: int, total_steps: int, opt: OptimizerSection, sched: ScheduleSection) -> float:
-    """Learning rate of optimizer step `step` (0-based).
-
-    Linear warmup to `lr` over the first `warmup_steps` steps (step s uses lr * (s + 1) / warmup), then decay
-    to `min_lr` at the last step: cosine (Swallow-MX), linear, or none (constant).
-    """
-    warm = sched.warmup_steps
-    if step < warm:
-        return opt.lr * (step + 1) / warm
-    if sched.decay == "constant":
-        return opt.lr
-    span = max(1, total_steps - 1 - warm)
-    progress = min(1.0, (step - warm) / span)
-    if sched.decay == "linear":
-        return opt.lr + (opt.min_lr - opt.lr) * progress
-    return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1.0 + math.cos(math.pi * progress))

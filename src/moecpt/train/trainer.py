@@ -6,8 +6,10 @@ all target tokens of the global batch (each micro-batch's summed loss is weighte
 count, so the result does not depend on how the batch is split), plus the load-balancing and z losses, which
 are computed per micro-batch as transformers and Megatron do and averaged over the micro-batches.
 
-Two ways to start, never confused: `init_from` loads weights only (continual pre-training: fresh optimizer,
-schedule and data position); `resume` restores everything from a checkpoint of this run.
+Three ways to start, never confused: `init_from` loads weights only (continual pre-training: fresh optimizer,
+schedule and data position); `resume` restores everything from a checkpoint of this run; `init_from` with
+`schedule.decay_only` branches a cooldown off another run's checkpoint (its weights, optimizer state, step count
+and data position; the LR decays from the one its last step had).
 
 The components live beside the loop: `setup` (runtime, data, model), `checkpoint` (Checkpointer),
 `validate` (Validator), `metrics` (RunLogger) and `export`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ import torch
 
 from moecpt.config import TrainConfig, to_toml
 from moecpt.data.loader import MixtureLoader
-from moecpt.data.mixture import MixtureDataset
+from moecpt.data.mixture import MixtureDataset, resolve_mixture, stage_datasets
 from moecpt.data.tokenizer import Tokenizer
 from moecpt.errors import UserError
 from moecpt.model import CausalLM
@@ -45,7 +48,8 @@ from moecpt.train.metrics import (
     gpu_peak_tflops,
     model_flops_per_token,
 )
-from moecpt.train.optim import build_optimizer, lr_at
+from moecpt.train.optim import build_optimizer
+from moecpt.train.schedule import Branch, lr_at, phases
 from moecpt.train.setup import (
     Runtime,
     build_training_model,
@@ -74,7 +78,10 @@ class Trainer:
     resume or init_from); the constructor itself does no tokenization and no weight I/O."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, tokenizer: Tokenizer, dataset: MixtureDataset,
-                 model: CausalLM, optimizer: torch.optim.Optimizer):
+                 model: CausalLM, optimizer: torch.optim.Optimizer,
+                 later_stages: list[tuple[int, MixtureDataset]] = ()):
+        """`dataset` is the first data stage's; `later_stages` the (first global sample, dataset) of the
+        others (`data.stages`)."""
         t = cfg.training
         self.cfg, self.rt, self.tokenizer, self.dataset = cfg, rt, tokenizer, dataset
         self.model, self.optimizer, self.model_config = model, optimizer, model.config
@@ -82,9 +89,9 @@ class Trainer:
         self.accum = t.global_batch // (t.micro_batch * rt.world)
         # Every sample is a window of seq_len targets: the global token count is known without a collective.
         self.tokens_per_step = t.global_batch * cfg.data.seq_len
-        self.loader = MixtureLoader(dataset, t.micro_batch, rt.rank, rt.world)
+        self.loader = MixtureLoader(dataset, t.micro_batch, rt.rank, rt.world, later_stages)
         self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
-        self.validator = Validator(dataset, tokenizer, rt, t.micro_batch, cfg.logging.val_batches * t.micro_batch,
+        self.validator = Validator(validation_corpora(dataset, later_stages), tokenizer, rt, t.micro_batch, cfg.logging.val_batches * t.micro_batch,
                                    cfg.data.seq_len, cfg.model.intra_doc_attention)
         self.spikes = SpikeDetector(t.spike_factor)
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
@@ -97,6 +104,8 @@ class Trainer:
         self._agreed_stop: int | None = None  # the signal every rank has seen (read in one collective)
         self.step_sums: StepSums | None = None  # the last step's device-side sums
         self.final_validation: dict[str, float] | None = None  # a finished run's, kept in its last checkpoint
+        self.branch: Branch | None = None  # set when this run is a cooldown branch (schedule.decay_only)
+        self.last_lr: float | None = None  # the LR of the last update (a cooldown branch starts from it)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> Trainer:
@@ -109,16 +118,21 @@ class Trainer:
             cfg.data.check_corpora_listed()
             target, note = ckpt_lib.start_target(Path(cfg.run_dir), cfg.checkpoint, cfg.resume, cfg.optimizer.lr)
             tokenizer, dataset = prepare_data(cfg, rt)
+            later = prepare_stages(cfg, rt, tokenizer, dataset)
+            for _, ds in later:
+                check_token_ids(tokenizer, ds, config.vocab_size)
             check_token_ids(tokenizer, dataset, config.vocab_size)
             scratch = target is None and not cfg.init_from
             model = build_training_model(cfg, rt, config, seed=cfg.training.seed if scratch else None)
-            trainer = cls(cfg, rt, tokenizer, dataset, model, build_optimizer(model, cfg.optimizer, rt.device))
+            trainer = cls(cfg, rt, tokenizer, dataset, model, build_optimizer(model, cfg.optimizer, rt.device), later)
             trainer.lock = lock
             for line in [*notes, note] if rt.is_main else ():
                 if line:
                     console(line)
             if target is not None:
                 trainer.resume(target)
+            elif cfg.init_from and cfg.schedule.decay_only:
+                trainer.branch_from(Path(cfg.init_from))
             elif cfg.init_from:
                 trainer.init_from(Path(cfg.init_from))
         except BaseException:
@@ -148,7 +162,53 @@ class Trainer:
         self.streak_start = state.get("streak_start", 0)
         self.spikes.load_state_dict(state)
         self.final_validation = state.get("validation")
+        self.last_lr = state.get("lr")
+        self._resume_branch(target, state)
         self.start_mode = f"resumed from {target} at step {self.step}"
+
+    def _resume_branch(self, target: Path, state: dict[str, Any]) -> None:
+        """A cooldown branch resumes as one; a run that is none is not turned into one."""
+        if state.get("branch"):
+            if not self.cfg.schedule.decay_only:
+                raise UserError(f"{target} belongs to a cooldown branch (of {state['branch']['source']}); resume "
+                                "it with schedule.decay_only = true, as it was started")
+            self.branch = Branch(**state["branch"])
+        elif self.cfg.schedule.decay_only:
+            raise UserError(f"schedule.decay_only: run_dir {self.run_dir} holds checkpoints of a run that is no "
+                            f"cooldown branch ({target}); a branch goes into a run_dir of its own, e.g. "
+                            f"--run_dir={self.run_dir}-cooldown with --init_from={target}")
+
+    def _saved_lr(self, state: dict[str, Any]) -> float:
+        """The LR of a checkpoint's last update: recorded in its trainer state, else its optimizer's groups."""
+        lr = state.get("lr")
+        return float(lr if lr is not None else self.optimizer.param_groups[0]["lr"])
+
+    def branch_from(self, src: Path) -> None:
+        """A cooldown branch (schedule.decay_only): weights, optimizer state (AdamW moments and step counts), step
+        count and data position of another run's checkpoint; the LR decays from its last step's to min_lr."""
+        if ckpt_lib.is_hf_dir(src):
+            raise UserError(f"schedule.decay_only: init_from = {src} is a Hugging Face directory, which holds no "
+                            "optimizer state to continue. Branch from a moecpt checkpoint (RUN/checkpoints/step_N, "
+                            "or RUN for its latest), or drop schedule.decay_only to start afresh from these weights")
+        ckpt = ckpt_lib.find_checkpoint(src)
+        if ckpt is None:
+            raise UserError(f"schedule.decay_only: init_from = {src} is neither a moecpt checkpoint nor a run "
+                            "directory with one (RUN/checkpoints/step_N)")
+        saved = ckpt_lib.read_trainer_state(ckpt)
+        if saved["step"] >= self.cfg.training.steps:
+            raise UserError(f"schedule.decay_only: {ckpt} is at step {saved['step']}, so training.steps "
+                            f"({self.cfg.training.steps}) leaves no step to decay over; the branch runs steps "
+                            f"{saved['step'] + 1}..training.steps, e.g. --training.steps="
+                            f"{saved['step'] + max(1, saved['step'] // 5)}")
+        state = ckpt_lib.load_checkpoint(ckpt, self.model, self.optimizer)
+        self.loader.load_state_dict(state["data"], new_stage=self.cfg.data.new_stage)
+        self.step = state["step"]
+        self.branch = Branch(self.step, self._saved_lr(state), str(ckpt))
+        self.last_lr = self.branch.lr
+        o = self.cfg.optimizer
+        self.start_mode = (f"cooldown branch of {ckpt} at step {self.step}: its weights, optimizer state and data "
+                           f"position; LR {self.branch.lr:.3g} -> {o.min_lr:.3g} ({self.cfg.schedule.decay}) over "
+                           f"steps {self.step + 1}..{self.cfg.training.steps}")
 
     def init_from(self, src: Path) -> None:
         """Weights only (continual pre-training): from a Hugging Face directory or a moecpt checkpoint. Every
@@ -163,7 +223,7 @@ class Trainer:
         read-back per step (loss, gradient norm, stop signal); the rest of the record only on logging steps."""
         cfg = self.cfg
         batches = [to_device(self.loader.next_batch(), self.rt.device) for _ in range(self.accum)]
-        n_corpora, dev = len(self.dataset.corpora), self.rt.device
+        n_corpora, dev = len(self.loader.dataset.corpora), self.rt.device  # the stage these batches are of
         sums = StepSums(torch.zeros(n_corpora, device=dev), torch.zeros(n_corpora, device=dev), 0)
         losses = torch.zeros(3, device=dev)  # summed CE (nats), summed lb loss, summed z loss
         ce_weight = self.rt.world / self.tokens_per_step  # gradients are averaged over the ranks
@@ -183,12 +243,14 @@ class Trainer:
         grad_norm = par.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip or float("inf"))
         stop = pdist.all_reduce(torch.tensor([float(self._stop_signal or 0)], device=dev), op="max")
         ce_sum, lb, z, gnorm, signum = torch.cat([pdist.all_reduce(losses), grad_norm.reshape(1), stop]).tolist()
-        ce, lr = ce_sum / self.tokens_per_step, lr_at(self.step, cfg.training.steps, cfg.optimizer, cfg.schedule)
+        ce = ce_sum / self.tokens_per_step
+        lr = lr_at(self.step, cfg.training.steps, cfg.optimizer, cfg.schedule, self.branch)
         finite = math.isfinite(ce) and math.isfinite(gnorm)
         if finite:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            self.last_lr = lr
             self._update_router_bias(sums)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -226,8 +288,8 @@ class Trainer:
         """The logging step's per-corpus losses and expert load, summed over ranks (one read-back)."""
         for t in (sums.corpus_loss, sums.corpus_tokens) + (() if sums.counts_global else (sums.expert_counts,)):
             pdist.all_reduce(t)
-        record = {}
-        for name, loss, n in zip([c.name for c in self.dataset.corpora], sums.corpus_loss.tolist(),
+        record = self.stage_record()
+        for name, loss, n in zip([c.name for c in self.loader.dataset.corpora], sums.corpus_loss.tolist(),
                                  sums.corpus_tokens.tolist(), strict=True):
             if n > 0:
                 record[f"loss/{name}"] = loss / n
@@ -240,6 +302,40 @@ class Trainer:
         if biases:
             record["router_bias_norm"] = torch.stack([b.norm() for b in biases]).tolist()  # per MoE layer
         return record
+
+    def stage_record(self) -> dict[str, Any]:
+        """With data stages: the current stage and the realised share of each corpus in it so far."""
+        if len(self.loader.stages) == 1:
+            return {}
+        in_stage = self.loader.state.samples_consumed - self.loader.state.stage_start
+        counts = self.loader.dataset.corpus_counts(in_stage)
+        record: dict[str, Any] = {"data_stage": self.loader.stage}
+        for c, n in zip(self.loader.dataset.corpora, counts.tolist(), strict=True):
+            record[f"stage_share/{c.name}"] = n / max(1, in_stage)
+        return record
+
+    def mixture_report(self) -> list[dict[str, Any]]:
+        """Per data stage: its steps and each corpus's weight, realised share and passes over the whole run."""
+        g, total = self.cfg.training.global_batch, self.cfg.training.steps
+        out = []
+        for k, stage in enumerate(self.loader.stage_report(total * g)):
+            mixture = self.cfg.data.mixture if k == 0 else self.cfg.data.stages[k - 1].mixture
+            out.append({"stage": k, "start_step": stage["start_sample"] // g, "end_step": stage["end_sample"] // g,
+                        "mixture": mixture, "rows": stage["rows"]})
+        return out
+
+    def schedule_record(self) -> dict[str, Any]:
+        """The planned LR schedule (at most ~1000 points), its phases and the branch, for plots and reports."""
+        cfg, total = self.cfg, self.cfg.training.steps
+        first = self.branch.step if self.branch else 0
+        stride = max(1, (total - first) // 1000)
+        points = sorted({*range(first, total, stride), total - 1, *(p[1] for p in phases(total, cfg.schedule,
+                                                                                         self.branch))})
+        return {"kind": "cooldown branch" if self.branch else cfg.schedule.kind, "decay": cfg.schedule.decay,
+                "steps": total, "phases": phases(total, cfg.schedule, self.branch),
+                "branch": dataclasses.asdict(self.branch) if self.branch else None,
+                "planned": [[s + 1, lr_at(s, total, cfg.optimizer, cfg.schedule, self.branch)] for s in points
+                            if first <= s < total]}
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -311,6 +407,9 @@ class Trainer:
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            write_json(self.run_dir / SCHEDULE_FILE, self.schedule_record())
+            write_json(self.run_dir / DATA_STAGES_FILE, {"global_batch": cfg.training.global_batch,
+                                                         "stages": self.mixture_report()})
             ckpt_lib.clear_stop_record(self.run_dir)  # this run starts as its start message said
             for line in self._header():
                 console(line)
@@ -329,9 +428,14 @@ class Trainer:
                  f"{f' (FSDP x expert parallel {cfg.parallel.expert_parallel})' if rt.world > 1 else ''}, "
                  f"{self.accum} micro-batch(es) of {cfg.training.micro_batch} per step, "
                  f"{'Triton' if rt.fused_kernels else 'PyTorch'} kernels"]
-        for row in self.dataset.report(cfg.training.steps * cfg.training.global_batch):
-            lines.append(f"data: {row['name']:>12s} weight {row['weight']:.3f} realised share {row['share']:.3f} "
-                         f"({row['train_tokens']:,} training tokens, {row['epochs']:.2f} epochs planned)")
+        stages = self.mixture_report()
+        for stage in stages:
+            if len(stages) > 1:
+                lines.append(f"data stage {stage['stage']}: steps {stage['start_step'] + 1}..{stage['end_step']}, "
+                             f"mixture {stage['mixture']!r}")
+            for row in stage["rows"]:
+                lines.append(f"data: {row['name']:>12s} weight {row['weight']:.3f} realised share {row['share']:.3f} "
+                             f"({row['train_tokens']:,} training tokens, {row['epochs']:.2f} epochs planned)")
         return lines
 
     @contextlib.contextmanager
@@ -401,8 +505,47 @@ class Trainer:
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "recovering": self.recovering,
                  "streak_start": self.streak_start, **self.spikes.state_dict(), "world_size": self.rt.world,
                  "tokenizer": self.tokenizer.path, "model_type": family_of(self.model_config).model_type,
-                 "model_config": dataclasses.asdict(self.model_config), "validation": self.final_validation}
+                 "model_config": dataclasses.asdict(self.model_config), "validation": self.final_validation,
+                 "lr": self.last_lr, "branch": dataclasses.asdict(self.branch) if self.branch else None}
         return self.checkpointer.save(self.step, self.model, self.optimizer, state)
+
+
+SCHEDULE_FILE = "schedule.json"  # RUN_DIR/schedule.json: the planned LR schedule (Trainer.schedule_record)
+DATA_STAGES_FILE = "data_stages.json"  # RUN_DIR/data_stages.json: the data stages' realised shares
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def prepare_stages(cfg: TrainConfig, rt: Runtime, tokenizer: Tokenizer,
+                   first: MixtureDataset) -> list[tuple[int, MixtureDataset]]:
+    """The datasets of data.stages, each from its first global sample (rank 0 tokenizes new sources first)."""
+    if not cfg.data.stages:
+        return []
+    if not rt.is_main:
+        pdist.barrier()
+    mixtures = [(s.start_step * cfg.training.global_batch,
+                 resolve_mixture(s.mixture, cfg.data.cache_dir, tokenizer=tokenizer.path, sources=cfg.data.corpora))
+                for s in cfg.data.stages]
+    if rt.is_main:
+        pdist.barrier()
+    return stage_datasets(first, mixtures)[1:]
+
+
+def validation_corpora(first: MixtureDataset, later: list[tuple[int, MixtureDataset]]) -> MixtureDataset:
+    """A dataset holding every corpus of every stage once, for validation (the held-out documents of a corpus
+    depend only on its shards, not on the mixture)."""
+    if not later:
+        return first
+    entries, seen = [], set()
+    for ds in [first, *(d for _, d in later)]:
+        for e in ds.entries:
+            if e.name not in seen:
+                seen.add(e.name)
+                entries.append((e.name, 1.0, e.prefixes))
+    return MixtureDataset(entries, first.seq_len, first.seed, first.allow_repeat, first.valid_fraction,
+                          first.valid_max_documents, first.block_size)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
