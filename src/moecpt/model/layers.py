@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecpt.kernels.attention import sink_attention
 from moecpt.kernels.rmsnorm import rms_norm
 from moecpt.kernels.rope import apply_rope
 
@@ -58,11 +59,12 @@ class Attention(nn.Module):
     - `qk_norm`: RMSNorm of queries and keys before RoPE, "head" (over each head's D, Qwen3) or "full"
       (over the whole projection, OLMoE);
     - `clip_qkv`: clamp q, k and v to [-c, c] after the norms (OLMoE);
-    - `window`: sliding-window attention over that many positions (None: full causal)."""
+    - `window`: sliding-window attention over that many positions (None: full causal);
+    - `sinks`: a learned logit per head in the softmax's denominator (gpt-oss; `kernels.attention`)."""
 
     def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int, layer: int, qkv_bias: bool = False,
                  o_bias: bool = False, qk_norm: str | None = None, norm_eps: float = 1e-6,
-                 clip_qkv: float | None = None, window: int | None = None):
+                 clip_qkv: float | None = None, window: int | None = None, sinks: bool = False):
         super().__init__()
         self.layer, self.window, self.clip_qkv, self.qk_norm = layer, window, clip_qkv, qk_norm
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
@@ -75,6 +77,8 @@ class Attention(nn.Module):
                 raise ValueError(f"qk_norm {qk_norm!r}: choose head, full or None")
             self.q_norm = RMSNorm(head_dim if qk_norm == "head" else n_heads * head_dim, norm_eps)
             self.k_norm = RMSNorm(head_dim if qk_norm == "head" else n_kv * head_dim, norm_eps)
+        if sinks:
+            self.sinks = nn.Parameter(torch.empty(n_heads))
         self.fused_rope = False  # set once by CausalLM.use_kernels
 
     def project(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,8 +104,11 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads)
+        if hasattr(self, "sinks"):
+            out = sink_attention(q, k, v, self.sinks, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
