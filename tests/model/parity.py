@@ -32,14 +32,23 @@ def random_ids(shape: tuple[int, ...], seed: int, vocab: int) -> torch.Tensor:
 def capture_routing(monkeypatch) -> list[torch.Tensor]:
     """The top-k experts every moecpt MoE layer chooses, in call order."""
     seen: list[torch.Tensor] = []
-    original = moe_module.Router.forward
+    depth = [0]  # a subclass's forward that calls Router.forward records once
 
-    def route(self, x):
-        out = original(self, x)
-        seen.append(out[3].detach().clone())
-        return out
+    def wrap(original):
+        def route(self, x):
+            depth[0] += 1
+            try:
+                out = original(self, x)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                seen.append(out[3].detach().clone())
+            return out
+        return route
 
-    monkeypatch.setattr(moe_module.Router, "forward", route)
+    for cls in (moe_module.Router, *moe_module.Router.__subclasses__()):
+        if "forward" in vars(cls):  # families with a router of their own (gpt-oss)
+            monkeypatch.setattr(cls, "forward", wrap(vars(cls)["forward"]))
     return seen
 
 
@@ -69,10 +78,11 @@ def compare_forward(hf, model, ids: torch.Tensor, monkeypatch, tol: float):
     return theirs, ours
 
 
-def compare_gradients(hf, model, ids: torch.Tensor, hf_name, tol: float) -> None:
+def compare_gradients(hf, model, ids: torch.Tensor, hf_name, tol: float, to_ours=None) -> None:
     """Backward of the labels loss through both: every moecpt parameter has a gradient within `tol` of
-    transformers' (`hf_name` maps moecpt's name to transformers' in-memory one), and every transformers
-    parameter is matched (tied ones once)."""
+    transformers' (`hf_name` maps moecpt's name to transformers' in-memory one; `to_ours(name, grad)`, where
+    given, lays transformers' gradient out as moecpt's parameter), and every transformers parameter is matched
+    (tied ones once)."""
     hf.train()(ids, labels=ids, output_router_logits=True).loss.backward()
     model.train()(ids, labels=ids).loss.backward()
     theirs = dict(hf.named_parameters())
@@ -82,7 +92,9 @@ def compare_gradients(hf, model, ids: torch.Tensor, hf_name, tol: float) -> None
     for name, p in ours.items():
         assert p.grad is not None and theirs[hf_name(name)].grad is not None, name
         assert p.grad.abs().max().item() > 0, name  # every parameter takes part
-        torch.testing.assert_close(p.grad, theirs[hf_name(name)].grad, atol=tol, rtol=0, msg=name)
+        expected = theirs[hf_name(name)].grad
+        expected = expected if to_ours is None else to_ours(name, expected)
+        torch.testing.assert_close(p.grad, expected, atol=tol, rtol=0, msg=name)
 
 
 def compare_generation(hf, model, ids: torch.Tensor, pad_rows: dict[int, int], new_tokens: int = 12) -> None:

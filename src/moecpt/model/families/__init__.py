@@ -14,6 +14,7 @@ from moecpt.model.base import CausalLM
 from moecpt.model.config import MixtralConfig
 from moecpt.model.families.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moecpt.model.families.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+from moecpt.model.families.gpt_oss import GptOssConfig, GptOssForCausalLM
 from moecpt.model.families.mixtral import MixtralForCausalLM
 from moecpt.model.families.olmoe import OlmoeConfig, OlmoeForCausalLM
 from moecpt.model.families.qwen2_moe import Qwen2MoeConfig, Qwen2MoeForCausalLM
@@ -37,6 +38,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "deepseek_v2": Family(DeepseekV2Config, DeepseekV2ForCausalLM),
     "deepseek_v3": Family(DeepseekV3Config, DeepseekV3ForCausalLM),
+    "gpt_oss": Family(GptOssConfig, GptOssForCausalLM),
     "mixtral": Family(MixtralConfig, MixtralForCausalLM),
     "olmoe": Family(OlmoeConfig, OlmoeForCausalLM),
     "qwen2_moe": Family(Qwen2MoeConfig, Qwen2MoeForCausalLM),
