@@ -10,6 +10,9 @@ Under EP that call becomes dispatch -> local experts -> combine:
 3. the received rows, grouped by source rank, are regrouped by local expert and run as one grouped GEMM;
 4. the outputs return the same way (the inverse all-to-all), in the order the block sent them.
 
+An `Experts` subclass with more tensors per expert (gpt-oss: biases, its own activation) defines
+`grouped(x, offs, **its parameters)`; step 3 calls it with this rank's slices of every parameter.
+
 Dropless: every routed row is computed. A rank whose experts receive no rows still takes part in both
 all-to-alls (with zero-length splits) and in backward, so nothing waits on it: the collectives run the same
 number of times on every rank whatever the routing.
@@ -64,8 +67,8 @@ class ExpertParallelExperts(Experts):
 
     def forward(self, x_NH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         ep = self.ep_size
-        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
-        E_local = gate_up.shape[0]
+        local = {name: _local(p) for name, p in self._parameters.items()}
+        E_local = local["gate_up_proj"].shape[0]
         counts_E = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1).long())
         # recv[j, l]: rows rank j sends to my local expert l.
         recv_counts = torch.empty_like(counts_E)
@@ -81,26 +84,42 @@ class ExpertParallelExperts(Experts):
         order = torch.argsort(key, stable=True)
         offs_local = recv_JL.sum(0).cumsum(0).to(torch.int32)
         inv = inverse_permutation(order)
-        y_sorted = swiglu_experts(gather_rows(x_recv, order, inv, 1), gate_up, down, offs_local, self.fused)
+        x_sorted = gather_rows(x_recv, order, inv, 1)
+        if hasattr(self, "grouped"):  # experts with more than the two matrices (gpt-oss)
+            y_sorted = self.grouped(x_sorted, offs_local, **local)
+        else:
+            y_sorted = swiglu_experts(x_sorted, local["gate_up_proj"], local["down_proj"], offs_local, self.fused)
         y_recv = gather_rows(y_sorted, inv, order, 1)
         return all_to_all(y_recv, in_splits, out_splits, self.ep_group)
 
 
 def apply_expert_parallel(model: torch.nn.Module, ep_mesh: DeviceMesh) -> None:
-    """Shard every `Experts` module of `model` over `ep_mesh` (dim 0 = experts) and switch it to dispatch/combine.
+    """Shard every `Experts` module of `model` (subclasses too) over `ep_mesh` (dim 0 = experts, every
+    parameter) and switch it to dispatch/combine.
 
     The parameters become DTensors with placement Shard(0) on `ep_mesh`; a checkpoint therefore records
     their global shape and loads at any other EP size or on one device.
     """
     ep = ep_mesh.size()
     for module in model.modules():
-        if type(module) is not Experts:
+        if not isinstance(module, Experts) or isinstance(module, ExpertParallelExperts):
             continue
         for name, param in list(module.named_parameters(recurse=False)):
             if param.shape[0] % ep:
                 raise ValueError(f"{param.shape[0]} experts cannot be split over {ep} ranks")
             local = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
             module.register_parameter(name, torch.nn.Parameter(local, requires_grad=param.requires_grad))
-        module.__class__ = ExpertParallelExperts
+        module.__class__ = expert_parallel_class(type(module))
         module.ep_group = ep_mesh.get_group()
         module.ep_size = ep
+
+
+_EP_CLASSES: dict[type, type] = {Experts: ExpertParallelExperts}
+
+
+def expert_parallel_class(cls: type) -> type:
+    """The dispatch/combine version of an `Experts` class: `ExpertParallelExperts` for `Experts`, a subclass of
+    both for a family's own experts (its `grouped` runs the local experts)."""
+    if cls not in _EP_CLASSES:
+        _EP_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (ExpertParallelExperts, cls), {})
+    return _EP_CLASSES[cls]
