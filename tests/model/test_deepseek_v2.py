@@ -1,0 +1,99 @@
+"""moecpt's DeepSeek-V2 against transformers' on random tiny checkpoints (greedy and group-limited greedy
+routing, low-rank queries or not, YaRN): logits, loss, routing per token, gradients, generation, export; and
+V2's config fields."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moecpt
+from moecpt.errors import UserError
+from moecpt.model.auto import build_model
+from moecpt.model.families import preset_config
+from moecpt.model.families.deepseek_v2 import DeepseekV2Config
+
+transformers = pytest.importorskip("transformers")
+
+from .parity import capture_routing, compare_generation, compare_gradients, random_ids, save_perturbed  # noqa: E402
+from .test_deepseek_v3 import fused_name, hf_routing  # noqa: E402
+
+TOL = 1e-5
+VOCAB = 128
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, mscale=0.707, mscale_all_dim=0.707)
+
+SHAPES = {
+    "group-limited-qlora-yarn": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, rope_parameters=YARN),
+    "greedy-no-qlora-scaled": dict(q_lora_rank=None, routed_scaling_factor=1.5, first_k_dense_replace=0),
+}
+
+
+def hf_config(**kw):
+    args = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                first_k_dense_replace=1, n_shared_experts=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=128, pad_token_id=0)
+    return transformers.DeepseekV2Config(**(args | kw))
+
+
+def load(path):
+    """The checkpoint in moecpt, its load-balancing loss weight set to 0 (transformers computes none)."""
+    model = moecpt.from_pretrained(path)
+    assert model.loss_fn.aux_coef == 0.001 and model.config.router_balance_scope == "sequence"
+    model.loss_fn.aux_coef = 0.0
+    return model
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_logits_loss_and_routing_match_transformers(tmp_path, monkeypatch, shape):
+    hf = save_perturbed(transformers.DeepseekV2ForCausalLM, hf_config(**SHAPES[shape]), tmp_path)
+    model = load(tmp_path).eval()
+    assert isinstance(model.config, DeepseekV2Config)
+    theirs_routing, ours_routing = hf_routing(hf), capture_routing(monkeypatch)
+    ids = random_ids((3, 24), 1, VOCAB)
+    with torch.no_grad():
+        theirs, ours = hf(ids, labels=ids), model(ids, labels=ids)
+    assert (theirs.logits - ours.logits).abs().max().item() <= TOL
+    assert ours.loss.item() == pytest.approx(theirs.loss.item(), abs=1e-6)
+    assert len(theirs_routing) == len(ours_routing) == len(model.config.sparse_layers)
+    for a, b in zip(theirs_routing, ours_routing, strict=True):
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
+def test_gradients_and_generation_match_transformers(tmp_path):
+    hf = save_perturbed(transformers.DeepseekV2ForCausalLM, hf_config(**SHAPES["group-limited-qlora-yarn"]), tmp_path)
+    compare_gradients(hf, load(tmp_path), random_ids((2, 32), 4, VOCAB), fused_name, TOL)
+    compare_generation(hf, load(tmp_path), random_ids((2, 9), 5, VOCAB), {1: 3}, new_tokens=8)
+
+
+def test_export_round_trips_through_transformers(tmp_path):
+    hf = save_perturbed(transformers.DeepseekV2ForCausalLM, hf_config(**SHAPES["greedy-no-qlora-scaled"]), tmp_path / "src")
+    model = moecpt.from_pretrained(tmp_path / "src").eval()
+    model.save_pretrained(tmp_path / "out")
+    reloaded, info = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = random_ids((2, 12), 7, VOCAB)
+    with torch.no_grad():
+        assert (reloaded.eval()(ids).logits - hf(ids).logits).abs().max().item() <= TOL
+    assert moecpt.from_pretrained(tmp_path / "out").config == model.config
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(norm_topk_prob=True), "norm_topk_prob"),
+    (dict(topk_method="noaux_tc"), "topk_method"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(scoring_func="sigmoid"), "scoring_func"),
+    (dict(topk_method="group_limited_greedy", n_group=3, topk_group=1), "n_group"),
+])
+def test_invalid_configs_are_refused_naming_the_field(change, field):
+    base = {"model_type": "deepseek_v2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 64, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": None, "topk_group": None}
+    assert DeepseekV2Config.from_hf_dict(base).n_group == 1
+    with pytest.raises(UserError, match=field):
+        DeepseekV2Config.from_hf_dict(base | change)
+
+
+def test_lite_preset():
+    model = build_model(preset_config("deepseek-v2-lite-16b"))  # on the meta device
+    assert round(model.num_params() / 1e9, 1) == 15.7  # DeepSeek-V2-Lite: 15.7B parameters
+    assert not hasattr(model, "mtp") and not hasattr(model.layers[1].moe.gate, "e_score_correction_bias")
