@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from moecpt.errors import UserError
+from moecpt.report.plots import lr_curves, read_schedule
 from moecpt.train import checkpoint as ckpt_lib
 from moecpt.train.export import export_hf
 from moecpt.train.metrics import read_metrics
@@ -77,6 +78,10 @@ def test_branch_continues_the_optimizer_and_reproduces_the_run_that_decayed_ther
     a = ckpt_lib.load_model(parent / "checkpoints" / "step_00000006").state_dict()
     b = ckpt_lib.load_model(tmp_path / "branch").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The LR figure draws the planned schedule: the branch's decay, from its checkpoint's LR to min_lr.
+    curves = lr_curves(read_schedule(tmp_path / "branch"), records)
+    planned = curves["planned (cooldown branch, 1-sqrt decay)"]
+    assert planned[0] == [5, 6] and planned[1] == pytest.approx([r["lr"] for r in records])
     # A rerun resumes the branch as a branch (here: it is finished); without decay_only it is refused.
     with pytest.raises(UserError, match="belongs to a cooldown branch"):
         Trainer.from_config(_branch_config(cfg_path, tmp_path / "branch", step4, "--schedule.decay_only=false"))

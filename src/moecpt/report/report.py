@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
-from moecpt.report.plots import plot_run, pyplot
+from moecpt.report.plots import plot_run, pyplot, read_data_stages, read_schedule
 from moecpt.train.metrics import read_metrics
 
 
@@ -145,7 +145,34 @@ def training_summary(info: dict[str, Any]) -> dict[str, Any]:
         "final_loss": last.get("loss"), "final_lb_loss": last.get("lb_loss"),
         "expert_load_max": last.get("expert_load_max"), "expert_idle": last.get("expert_idle"),
         "mixture_report": info["mixture_report"],
+        "data_stages": read_data_stages(info["run_dir"]), "schedule": _schedule_summary(info["run_dir"]),
     }
+
+
+def _schedule_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The run's LR schedule without its planned points: kind, decay shape, phases, branch."""
+    return {k: v for k, v in read_schedule(Path(run_dir)).items() if k != "planned"}
+
+
+def stage_table(stages: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per data stage, its steps and each corpus's weight, realised share and passes so far."""
+    md = ["| stage | steps | corpus | weight | realised share | passes so far |", "|---|---|---|---|---|---|"]
+    for st in stages:
+        for i, row in enumerate(st["rows"]):
+            head = (f"{st['stage']} | {st['start_step'] + 1}-{st['end_step']}" if i == 0 else " | ")
+            md.append(f"| {head} | {row['name']} | {row['weight']:.3f} | {row['share']:.3f} | {row['epochs']:.2f} |")
+    return md
+
+
+def schedule_line(schedule: dict[str, Any]) -> str:
+    """One sentence on the LR schedule of a training run."""
+    if not schedule:
+        return ""
+    phases = ", ".join(f"{name} {a + 1}-{b}" for name, a, b in schedule.get("phases", []))
+    branch = schedule.get("branch")
+    what = (f"a cooldown branch of `{branch['source']}` from LR {branch['lr']:.3g}" if branch
+            else f"`{schedule['kind']}`")
+    return f"LR schedule: {what}, {schedule['decay']} decay (steps: {phases})."
 
 
 def _heldout_section(heldout: dict[str, dict[str, float]], made: dict[str, Path | None]) -> list[str]:
@@ -164,11 +191,16 @@ def _training_section(stage: str, info: dict[str, Any], made: dict[str, Path | N
     md = ["", f"## {title} (`{stage}`)", "",
           f"{info['steps']} steps, {info['tokens']:,} tokens, mixture `{info['mixture']}`, "
           f"{info['params'] / 1e6:.1f}M parameters ({info['active_params'] / 1e6:.1f}M active), "
-          f"{info['device']} x {info['world_size']}.", "",
-          "| corpus | weight | realised share | epochs | training tokens available |", "|---|---|---|---|---|"]
-    for row in info["mixture_report"]:
-        md.append(f"| {row['name']} | {row['weight']:.3f} | {row['share']:.3f} | {row['epochs']:.2f} | "
-                  f"{row['train_tokens']:,} |")
+          f"{info['device']} x {info['world_size']}.", ""]
+    if len(info.get("data_stages") or []) > 1:
+        md += ["Data stages (each corpus continues its pass across stages):", "", *stage_table(info["data_stages"])]
+    else:
+        md += ["| corpus | weight | realised share | epochs | training tokens available |", "|---|---|---|---|---|"]
+        for row in info["mixture_report"]:
+            md.append(f"| {row['name']} | {row['weight']:.3f} | {row['share']:.3f} | {row['epochs']:.2f} | "
+                      f"{row['train_tokens']:,} |")
+    if info.get("schedule"):
+        md += ["", schedule_line(info["schedule"])]
     hours = info.get("gpu_hours", info.get("cpu_hours"))
     kind = "GPU" if "gpu_hours" in info else "CPU"
     md += ["", f"Throughput {_fmt(info['tokens_per_s'], 0)} tokens/s; {info['wall_seconds']:.0f} s of training "
@@ -179,7 +211,7 @@ def _training_section(stage: str, info: dict[str, Any], made: dict[str, Path | N
                "| layer | max/mean | idle |", "|---|---|---|"]
         md += [f"| {i} | {m:.2f} | {z} |" for i, (m, z) in
                enumerate(zip(info["expert_load_max"], info["expert_idle"], strict=True))]
-    for fig in ("loss", "lb_loss", "lr", "val_bpb", "expert_load"):
+    for fig in ("loss", "lb_loss", "lr", "stage_shares", "val_bpb", "expert_load"):
         if f"{stage}/{fig}" in made:
             md += ["", f"![{stage} {fig}](figures/{stage}/{fig}.png)"]
     return md
