@@ -93,3 +93,20 @@ def test_existing_configs_keep_their_schedule():
 def test_schedule_config_errors_name_the_key(write_config, overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(write_config(), overrides)
+
+
+def test_the_wsd_replay_recipe_carries_its_schedule_and_stages():
+    from moecpt.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "swallow-mx-wsd-replay.toml")
+    cfg = recipe.stage_config("cpt", {name: [] for name in ("ja", "ja_hq", "en", "code")})
+    s = cfg.schedule
+    assert (s.kind, s.warmup_steps, s.decay_fraction, s.decay) == ("wsd", 1000, 0.2, "1-sqrt")
+    assert [(st.start_step, st.mixture.split()[1::2]) for st in cfg.data.stages] == [
+        (2500, ["ja", "ja_hq", "en", "code"]), (20000, ["ja", "ja_hq", "en", "code"])]
+    assert [float(st.mixture.split()[4]) for st in cfg.data.stages] == [0.25, 0.15]  # the English replay shrinks
+    assert phases(cfg.training.steps, s)[-1] == ("decay", 20000, 25000)  # the last stage decays with the LR
+    shorter = load_recipe(REPO / "recipes" / "swallow-mx-wsd-replay.toml", overrides=["--cpt.training.steps=15000"])
+    with pytest.raises(UserError, match=r"data.stages\[1\].start_step = 20000 must be above .* below training.steps "
+                                        r"\(15000\)"):
+        shorter.stage_config("cpt", {name: [] for name in ("ja", "ja_hq", "en", "code")})
