@@ -20,7 +20,7 @@ def lrs(total: int, sched: ScheduleSection, branch: Branch | None = None) -> lis
     return [lr_at(s, total, OPT, sched, branch) for s in range(branch.step if branch else 0, total)]
 
 
-@pytest.mark.parametrize("shape, half", [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))])
+@pytest.mark.parametrize("shape, half", [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", math.sqrt(0.5))])
 def test_wsd_warms_up_holds_then_decays_over_the_last_fraction(shape, half):
     sched = ScheduleSection(kind="wsd", warmup_steps=10, decay_fraction=0.2, decay=shape)
     v = lrs(100, sched)
@@ -33,9 +33,9 @@ def test_wsd_warms_up_holds_then_decays_over_the_last_fraction(shape, half):
     assert [p[0] for p in phases(100, sched)] == ["warmup", "stable", "decay"]
 
 
-def test_one_minus_sqrt_drops_fastest_at_the_end():
-    assert decayed_share("1-sqrt", 0.75) == pytest.approx(0.5)
-    assert decayed_share("1-sqrt", 0.5) < decayed_share("linear", 0.5)
+def test_one_minus_sqrt_multiplies_the_peak_by_one_minus_sqrt_of_the_progress():
+    assert decayed_share("1-sqrt", 0.25) == pytest.approx(0.5)  # the LR is 1 - sqrt(0.25) = half-way down
+    assert decayed_share("1-sqrt", 0.5) > decayed_share("linear", 0.5)  # it drops fastest at its start
 
 
 def test_infinite_cools_down_holds_a_constant_then_anneals():
@@ -59,7 +59,7 @@ def test_constant_and_warmup_cosine():
     assert v[0] == v[1] == pytest.approx(1e-3)  # warmup of one step, then the cosine starts at the peak
     assert v[6] == pytest.approx(5.5e-4) and v[11] == pytest.approx(1e-4)  # halfway; min_lr at the last step
     one_sqrt = lrs(12, ScheduleSection(kind="warmup_cosine", warmup_steps=1, decay="1-sqrt"))
-    assert one_sqrt[11] == pytest.approx(1e-4) and one_sqrt[6] > v[6]
+    assert one_sqrt[11] == pytest.approx(1e-4) and one_sqrt[6] < v[6]
 
 
 def test_a_branch_decays_from_its_lr_like_the_wsd_run_that_decays_there():

@@ -5,8 +5,9 @@ Every schedule is a pure function of the 0-based optimizer step. Warmup is linea
 lr * (s + 1) / warmup_steps, so the last warmup step is at the peak). A decay phase of D steps that starts at
 step d uses progress p = (s - d + 1) / D (its last step, p = 1, is at the phase's end value), except
 warmup_cosine, whose decay starts at the peak at step warmup_steps (p = (s - warmup) / (steps - 1 - warmup)).
-The shapes give the share of the drop done at progress p: cosine (1 - cos(pi p)) / 2, linear p, 1-sqrt
-1 - sqrt(1 - p) (Hägele et al. 2024).
+The shapes give the share of the drop done at progress p: cosine (1 - cos(pi p)) / 2, linear p, and 1-sqrt
+sqrt(p), i.e. the LR is start - (start - end) sqrt(p): a multiplier 1 - sqrt(p) on the peak when the end is
+0 (Hägele et al. 2024's cooldown, which drops fastest at its start).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def decayed_share(shape: str, p: float) -> float:
     if shape == "linear":
         return p
     if shape == "1-sqrt":
-        return 1.0 - math.sqrt(1.0 - p)
+        return math.sqrt(p)
     if shape == "constant":  # the old spelling of kind = "constant": no decay
         return 0.0
     return 0.5 * (1.0 - math.cos(math.pi * p))
