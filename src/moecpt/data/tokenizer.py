@@ -1,12 +1,18 @@
-"""One small interface over the two tokenizer formats in use: SentencePiece models and Hugging Face `tokenizer.json`.
+"""One small interface over the tokenizer formats in use: SentencePiece models, Hugging Face `tokenizer.json`, and
+tiktoken's `o200k_base.tiktoken` ranks, read as gpt-oss's `o200k_harmony` encoding (offline, with `tiktoken`).
 
 The default is the real Mixtral-8x7B tokenizer (SentencePiece, 32,000 pieces), which the PyPI package
 `mistral-common` ships as `mistral_common/data/tokenizer.model.v1`. `encode` never adds BOS/EOS: where those go is
-the caller's decision (the tokenize step appends EOS per document).
+the caller's decision (the tokenize step appends EOS per document). `add_bos` says whether the publisher's
+tokenizer puts BOS in front of a text (tokenizer_config.json's `add_bos_token`, else the tokenizer.json
+post-processor): DeepSeek-V3's config says yes where its tokenizer.json does not, and transformers 5 follows the
+tokenizer.json; `tokenizer_json_for_export` writes a tokenizer.json whose post-processor adds it, so that an
+export, moecpt's evaluation and transformers agree.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -19,8 +25,8 @@ from moecpt.errors import UserError
 
 DEFAULT_TOKENIZER = "mistral_common/data/tokenizer.model.v1"
 
-_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
-_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "[BOS]")
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]", "<｜end▁of▁sentence｜>")
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "[BOS]", "<｜begin▁of▁sentence｜>")  # last: DeepSeek
 _PAD_NAMES = ("<pad>", "<|pad|>", "<|padding|>", "[PAD]")
 # End-of-turn tokens that chat models' tokenizer_config.json names as eos_token. A document ends with the
 # end-of-text token of pretraining instead (Qwen3: <|endoftext|>, not <|im_end|>), when the vocabulary has one.
@@ -53,6 +59,7 @@ class Tokenizer:
     """
 
     bos_id: int | None
+    add_bos: bool = False
     eos_id: int
     pad_id: int | None
     vocab_size: int
@@ -101,6 +108,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise UserError(f"{path}: not a readable SentencePiece model ({e})") from e
         self.vocab_size = int(self._sp.get_piece_size())
         self.bos_id = _or_none(self._sp.bos_id())
+        self.add_bos = self.bos_id is not None  # the Llama/Mixtral convention (export writes add_bos_token)
         self.pad_id = _or_none(self._sp.pad_id())
         eos = _or_none(self._sp.eos_id())
         if eos is None:
@@ -148,6 +156,8 @@ class HFTokenizer(Tokenizer):
         self._byte_table_known = False
         config = special_tokens_from_config(Path(path).parent / "tokenizer_config.json")
         self.bos_id = self._find(config, "bos_token", _BOS_NAMES)
+        self.add_bos = self.bos_id is not None and config_adds_bos(
+            Path(path).parent / "tokenizer_config.json", self._template_starts_with(self.bos_id))
         self.pad_id = self._find(config, "pad_token", _PAD_NAMES)
         eos = self._find(config, "eos_token", _EOS_NAMES)
         if config.get("eos_token") in _TURN_END_NAMES:
@@ -171,6 +181,21 @@ class HFTokenizer(Tokenizer):
         if found is None:
             found = next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
         return None if found is None else int(found)
+
+    def _template_starts_with(self, token_id: int | None) -> bool:
+        """Whether the file's post-processor puts token `token_id` in front of a single text."""
+        proc = self._tok.post_processor
+        if proc is None or token_id is None:
+            return False
+        state = json.loads(proc.__getstate__())
+        steps = state.get("processors", [state]) if state.get("type") == "Sequence" else [state]
+        for step in steps:
+            single = step.get("single") or []
+            if step.get("type") == "TemplateProcessing" and single and "SpecialToken" in single[0]:
+                first = single[0]["SpecialToken"]["id"]
+                ids = step.get("special_tokens", {}).get(first, {}).get("ids", [])
+                return ids == [token_id] or self._tok.token_to_id(first) == token_id
+        return False
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
@@ -196,6 +221,99 @@ class HFTokenizer(Tokenizer):
 
     def pieces(self, text: str) -> list[str]:
         return list(self._tok.encode(text, add_special_tokens=False).tokens)
+
+
+# ---- gpt-oss: o200k_harmony from tiktoken's o200k_base ranks -------------------------------------------
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # tiktoken's expected_hash
+# The o200k split pattern (tiktoken's o200k_base, which o200k_harmony shares).
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+HARMONY_NAMED = {"<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002, "<|constrain|>": 200003,
+                 "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008,
+                 "<|call|>": 200012}
+HARMONY_VOCAB = 201088  # ids 0..201087: 199,998 ranks, then the specials (gpt-oss's embedding rows)
+
+
+def harmony_special_tokens() -> dict[str, int]:
+    """o200k_harmony's special tokens as tiktoken defines them: the named ones, `<|reserved_N|>` for every
+    other id from 200,000 to 201,087, and o200k_base's `<|endofprompt|>` (200018, also reserved_200018)."""
+    named = set(HARMONY_NAMED.values())
+    return ({"<|endofprompt|>": 200018} | HARMONY_NAMED
+            | {f"<|reserved_{i}|>": i for i in range(200000, HARMONY_VOCAB) if i not in named})
+
+
+class TiktokenTokenizer(Tokenizer):
+    """gpt-oss's `o200k_harmony` built offline from an `o200k_base.tiktoken` ranks file (checked by its
+    sha256) and the harmony special tokens, run by `tiktoken`. Special-token text inside a document is read
+    as that special token, as a Hugging Face tokenizer.json of the same encoding does. No BOS is added
+    (harmony has `<|startoftext|>` but never puts it in front of a text); a document ends with
+    `<|endoftext|>` (199,999), the pretraining separator, not the chat's `<|return|>`."""
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            import tiktoken
+        except ImportError as e:
+            raise UserError("reading a .tiktoken file needs the package tiktoken: pip install tiktoken") from e
+        self.path = str(path)
+        self.fingerprint = file_sha256(self.path)
+        if self.fingerprint != O200K_SHA256:
+            raise UserError(f"{path}: not tiktoken's o200k_base.tiktoken (sha256 {self.fingerprint}); moecpt reads "
+                            "this file as gpt-oss's o200k_harmony encoding only")
+        ranks = {}
+        for line in Path(path).read_bytes().splitlines():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        self._enc = tiktoken.Encoding("o200k_harmony", pat_str=O200K_PATTERN, mergeable_ranks=ranks,
+                                      special_tokens=harmony_special_tokens())
+        self._ranks = ranks
+        self.vocab_size = self._enc.n_vocab
+        self.bos_id, self.add_bos, self.pad_id = None, False, None
+        self.eos_id = HARMONY_NAMED["<|endoftext|>"]
+        self._byte_table: np.ndarray | None = None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_batch(list(texts), allowed_special="all", num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode([int(i) for i in ids], errors="replace")
+
+    def byte_length(self, ids) -> int:
+        return int(self.byte_table()[np.asarray(ids, dtype=np.int64)].sum())
+
+    def byte_table(self) -> np.ndarray:
+        """Bytes of each id (special tokens 0): exact, every rank is a byte string."""
+        if self._byte_table is None:
+            self._byte_table = np.zeros(self.vocab_size, dtype=np.int64)
+            for token, rank in self._ranks.items():
+                self._byte_table[rank] = len(token)
+        return self._byte_table
+
+    def pieces(self, text: str) -> list[str]:
+        """Token strings spelled in the byte-level alphabet, as a Hugging Face tokenizer.json's tokens are."""
+        table = byte_level_alphabet()
+        return [self._enc.decode_single_token_bytes(i).decode("latin-1").translate(table)
+                if i < len(self._ranks) else self._enc.decode([i]) for i in self.encode(text)]
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte-to-character map (printable bytes as themselves, the rest shifted past 255), as a
+    `str.translate` table over latin-1 characters."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def byte_level_table(tok, vocab_size: int) -> np.ndarray | None:
@@ -240,16 +358,53 @@ def special_tokens_from_config(path: Path) -> dict[str, str | None]:
     return out
 
 
+def config_adds_bos(config_path: Path, post_processor_adds: bool) -> bool:
+    """Whether a tokenizer puts BOS in front of a text: `add_bos_token` of its tokenizer_config.json when the
+    file sets it (transformers 4's rule for Llama-style tokenizers), else what the tokenizer.json post-processor
+    does."""
+    if config_path.is_file():
+        try:
+            cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        if isinstance(cfg.get("add_bos_token"), bool):
+            return cfg["add_bos_token"]
+    return post_processor_adds
+
+
+def tokenizer_json_for_export(tokenizer: Tokenizer) -> str | None:
+    """The text of the tokenizer.json an export should write for a Hugging Face tokenizer that adds BOS where
+    its own post-processor does not (DeepSeek-V3: `add_bos_token` true in tokenizer_config.json only, which
+    transformers 5 ignores): the same file with a post-processor that puts BOS first, after the original one.
+    None when the file can be copied as it is."""
+    if not isinstance(tokenizer, HFTokenizer) or not tokenizer.add_bos:
+        return None
+    if tokenizer._template_starts_with(tokenizer.bos_id):
+        return None
+    from tokenizers import processors
+
+    bos = tokenizer._tok.id_to_token(tokenizer.bos_id)
+    template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                             special_tokens=[(bos, tokenizer.bos_id)])
+    data = json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
+    own = data.get("post_processor")
+    steps = [json.loads(template.__getstate__())]
+    if own is not None:
+        steps = (own["processors"] if own.get("type") == "Sequence" else [own]) + steps
+    data["post_processor"] = {"type": "Sequence", "processors": steps}
+    return json.dumps(data, ensure_ascii=False)
+
+
 def _or_none(i: int) -> int | None:
     return None if i < 0 else int(i)
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
-    """Load a tokenizer: None for the default Mixtral one; a SentencePiece `.model`; a `tokenizer.json`;
-    or a directory holding `tokenizer.model` (preferred) or `tokenizer.json`."""
+    """Load a tokenizer: None for the default Mixtral one; a SentencePiece `.model`; a `tokenizer.json`; an
+    `o200k_base.tiktoken` (gpt-oss's o200k_harmony); or a directory holding one of them (in that order)."""
     p = default_tokenizer_path() if path is None else Path(path)
     if p.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):
+        for name in ("tokenizer.model", "tokenizer.json", "o200k_base.tiktoken"):
             if (p / name).is_file():
                 p = p / name
                 break
@@ -261,4 +416,6 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
         )
     if p.suffix == ".json":
         return HFTokenizer(p)
+    if p.suffix == ".tiktoken":
+        return TiktokenTokenizer(p)
     return SentencePieceTokenizer(p)
