@@ -19,7 +19,7 @@ Read from transformers' `models/deepseek_v3` (5.x):
   pretrained with: aux-loss-free balancing (`router_bias_update_rate` 0.001 by default, the selection bias
   moved toward under-loaded experts each step) with the sequence-level balance loss an option
   (`router_aux_loss_coef` > 0, scope "sequence" by default; moecpt's loss is E x sum f P with f summing to
-  top-k, so DeepSeek's sequence-wise alpha is moecpt's coefficient divided by top-k: docs/models.md).
+  top-k, so DeepSeek's sequence-wise alpha corresponds to router_aux_loss_coef = alpha / top-k: docs/models.md).
 - multi-token prediction: `num_nextn_predict_layers` extra layers stored as `model.layers.{N + i}.*` (enorm,
   hnorm, eh_proj, a full MoE decoder layer, shared_head.norm, and copies of the embedding and the LM head,
   shared_head.head and embed_tokens). transformers ignores them; moecpt loads and exports them, and trains
