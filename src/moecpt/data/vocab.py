@@ -160,15 +160,24 @@ def _sp_train(lines: list[str], base, vocab_size: int, seed: int):
     return _sp_proto(model.getvalue())
 
 
-def _rank_new_pieces(trained, lines: list[str], have: set[str]) -> list[str]:
+def _rank_new_pieces(trained, lines: list[str], have: set[str], add: int) -> list[str]:
     """The trained model's pieces that the base lacks, most useful first: its merged pieces in its merge order
     (so that a piece's parts come before it), interleaved with its characters by the tokens each saves on the
-    corpus: a merged piece one per use (its count when the trained model encodes the corpus), a character
-    its UTF-8 bytes - 1 per occurrence (the byte pieces the base spells it with)."""
+    corpus: a merged piece one per use (its count when the corpus is encoded with the trained model's first
+    `add` merged pieces: later, longer ones would take uses of it that the extension will not have), a
+    character its UTF-8 bytes - 1 per occurrence (the byte pieces the base spells it with)."""
     import sentencepiece as spm
 
     new = [p.piece for p in trained.pieces if p.type == _SP_NORMAL and p.piece not in have]
-    uses = Counter(p for pieces in spm.SentencePieceProcessor(model_proto=trained.SerializeToString()).encode(
+    counting = type(trained)()
+    counting.CopyFrom(trained)
+    del counting.pieces[:]
+    merged_seen = 0
+    for p in trained.pieces:
+        merged_seen += p.type == _SP_NORMAL and len(p.piece) > 1
+        if merged_seen <= add or p.type != _SP_NORMAL or len(p.piece) == 1:
+            counting.pieces.append(p)
+    uses = Counter(p for pieces in spm.SentencePieceProcessor(model_proto=counting.SerializeToString()).encode(
         lines, out_type=str) for p in pieces)
     occurrences: Counter[str] = Counter()
     for line in lines:
@@ -188,8 +197,9 @@ def _rank_new_pieces(trained, lines: list[str], have: set[str]) -> list[str]:
 
 
 def _extend_sentencepiece(path: Path, files: list[Path], add: int, out_dir: Path, seed: int) -> dict[str, Any]:
-    """Append up to `add` pieces of a BPE model trained on the corpus, in its merge order, each scored below
-    every learned piece of the base: the base's merges all come first, then the new ones."""
+    """Append up to `add` pieces of a BPE model trained on the corpus (`_rank_new_pieces` order), each scored
+    below every learned piece of the base, so that the base's merges come first and then the new ones; a
+    piece that the extended model does not produce from its own text is replaced by the next candidate."""
     base = _sp_proto(path.read_bytes())
     if base.trainer_spec.model_type != _SP_BPE:
         raise UserError(f"{path}: vocab extend handles SentencePiece BPE models (Mixtral, Llama 2, Mistral); "
@@ -203,25 +213,48 @@ def _extend_sentencepiece(path: Path, files: list[Path], add: int, out_dir: Path
         chars.update(line)
     # Room for the corpus's characters (the trained model holds them all) beside `add` merged pieces; the first
     # merges do not depend on the size.
-    vocab_size, new = add + len(chars) + 300, []
+    vocab_size, ranked = add + len(chars) + 300, []
     for _ in range(4):  # train larger while pieces the base already has crowd out new ones
         trained = _sp_train(lines, base, vocab_size, seed)
-        new = _rank_new_pieces(trained, lines, have)
-        if len(new) >= add or len(trained.pieces) < vocab_size:  # enough, or the corpus gave all it has
+        ranked = _rank_new_pieces(trained, lines, have, add)
+        if len(ranked) >= add or len(trained.pieces) < vocab_size:  # enough, or the corpus gave all it has
             break
-        vocab_size += int(1.2 * (add - len(new))) + 100
-    new = new[:add]
-    low = min((p.score for p in base.pieces if p.type == _SP_NORMAL and p.score > _FORCED_SCORE), default=0.0)
-    for i, piece in enumerate(new):
-        p = base.pieces.add()
-        p.piece, p.type, p.score = piece, _SP_NORMAL, low - 1.0 - i
-    base.trainer_spec.vocab_size = len(base.pieces)
-    (out_dir / "tokenizer.model").write_bytes(base.SerializeToString())
+        vocab_size += int(1.2 * (add - len(ranked))) + 100
+    chosen, spare = ranked[:add], ranked[add:]
+    for _ in range(4):
+        extended = _append_pieces(base, chosen)
+        dead = _unreachable(extended, len(base.pieces))
+        chosen = [p for p in chosen if p not in dead]
+        if not dead:
+            break
+        chosen, spare = chosen + spare[:len(dead)], spare[len(dead):]
+    else:
+        extended = _append_pieces(base, chosen)
+    (out_dir / "tokenizer.model").write_bytes(extended.SerializeToString())
     (out_dir / "tokenizer.json").unlink(missing_ok=True)  # a stale one would not be the tokenizer loaded
     _copy_companions(path.parent, out_dir, ("tokenizer_config.json", "special_tokens_map.json"))
-    chars = sum(len(s) for s in lines)
-    return {"format": "sentencepiece", "added": len(new), "first_new_id": len(base.pieces) - len(new),
-            "corpus_characters": chars}
+    return {"format": "sentencepiece", "added": len(chosen), "first_new_id": len(base.pieces),
+            "corpus_characters": sum(len(s) for s in lines)}
+
+
+def _append_pieces(base, pieces: list[str]):
+    """A copy of the SentencePiece model `base` with `pieces` appended, scored one apart below its lowest
+    learned piece (pieces forced in with a huge negative score, as Mixtral's "▁▁", are not counted)."""
+    out = type(base)()
+    out.CopyFrom(base)
+    low = min((p.score for p in base.pieces if p.type == _SP_NORMAL and p.score > _FORCED_SCORE), default=0.0)
+    for i, piece in enumerate(pieces):
+        p = out.pieces.add()
+        p.piece, p.type, p.score = piece, _SP_NORMAL, low - 1.0 - i
+    out.trainer_spec.vocab_size = len(out.pieces)
+    return out
+
+
+def _unreachable(proto, first: int) -> set[str]:
+    """The pieces from id `first` on that the model does not encode their own text to."""
+    pieces = [p.piece for p in proto.pieces[first:]]
+    encoded = _piece_encoder(proto).encode([p.replace("▁", " ") for p in pieces])
+    return {p for i, (p, ids) in enumerate(zip(pieces, encoded, strict=True)) if ids != [first + i]}
 
 
 # ---- tokenizer.json (BPE) bases ----------------------------------------------------------------------------
@@ -370,11 +403,18 @@ def base_tokenizations(tokenizer_dir: str | Path, old_vocab_size: int) -> list[l
     proto = _sp_proto(Path(tok.path).read_bytes())
     pieces = [p.piece for p in proto.pieces[old_vocab_size:]]
     del proto.pieces[old_vocab_size:]
-    proto.normalizer_spec.add_dummy_prefix = False  # a piece is tokenized as it is, "▁" included
+    return _piece_encoder(proto).encode([p.replace("▁", " ") for p in pieces])
+
+
+def _piece_encoder(proto):
+    """A processor of the SentencePiece model `proto` that encodes a piece's text ("▁" written as a space) as
+    it is, with no dummy prefix."""
     import sentencepiece as spm
 
-    old = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    return old.encode([p.replace("▁", " ") for p in pieces])
+    probe = type(proto)()
+    probe.CopyFrom(proto)
+    probe.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=probe.SerializeToString())
 
 
 def _json_base_tokenizations(path: Path, old_size: int, base_merges: int | None) -> list[list[int]]:
