@@ -208,6 +208,10 @@ class CheckpointSection:
     # written during a non-finite streak either).
     recovery_steps: int = 10
     export_at_end: bool = True  # write a Hugging Face directory to RUN_DIR/hf when training ends
+    # Write checkpoints in the background (DCP async_save): training stalls only while the state is copied to
+    # host memory. The checkpoint becomes valid (records, COMPLETE, renamed) when the write has finished, at
+    # the next save or the end of training, whichever comes first; a kill before that leaves the previous one.
+    async_save: bool = False
 
 
 @dataclass

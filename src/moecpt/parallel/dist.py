@@ -68,3 +68,10 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def new_group(backend: str = "gloo"):
+    """A process group of all ranks beside the default one (every rank calls this, in the same order); None on
+    one process. Background work (an asynchronous checkpoint) runs its collectives there, never interleaved
+    with training's."""
+    return dist.new_group(backend=backend) if is_initialized() else None

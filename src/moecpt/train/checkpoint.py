@@ -52,7 +52,7 @@ from moecpt.errors import UserError
 from moecpt.model import CausalLM, build_model, from_pretrained
 from moecpt.model.auto import load_hf_sharded
 from moecpt.model.families import family
-from moecpt.parallel.dist import all_reduce, barrier, rank
+from moecpt.parallel.dist import all_reduce, barrier, is_initialized, new_group, rank
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -112,28 +112,67 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
                     trainer_state: dict[str, Any]) -> Path:
     """Write the checkpoint of `step` atomically (every rank calls this) and return its directory. A full disk
     is reported as such (the device and the path), with the partial `.tmp` removed."""
-    final = step_dir(ckpt_root, step)
-    tmp = final.with_name(final.name + ".tmp")
+    return finish_save(start_save(ckpt_root, step, model, optimizer, trainer_state))
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint being written under its `.tmp` name; `future` is DCP's background write (None: written)."""
+
+    root: Path
+    step: int
+    tmp: Path
+    trainer_state: dict[str, Any]
+    future: Any = None
+
+    @property
+    def final(self) -> Path:
+        return step_dir(self.root, self.step)
+
+
+def start_save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               trainer_state: dict[str, Any], asynchronous: bool = False, group: Any = None) -> PendingSave:
+    """Every rank writes its shards of `step`'s state under `step_XXXXXXXX.tmp`: at once, or `asynchronous`ly
+    in the background once DCP has copied the state to host memory, with the collectives of that write on
+    `group` (a process group of its own, so that they never interleave with training's)."""
+    tmp = step_dir(ckpt_root, step).with_name(f"step_{step:08d}.tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    pending = PendingSave(Path(ckpt_root), step, tmp, trainer_state)
     with _no_space_reported(tmp):
-        with _single_process_ok():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng_rank{rank()}.pt")
+        with _single_process_ok():
+            if not asynchronous:
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            else:  # the background thread warns outside any catch_warnings: silence that one message for good
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+                response = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
+                                          process_group=group, no_dist=not is_initialized())
+                pending.future = getattr(response, "upload_completion", response)
+    return pending
+
+
+def finish_save(pending: PendingSave) -> Path:
+    """Wait for the shards (every rank calls this), then rank 0 writes the trainer state, the file records and
+    the COMPLETE marker and renames the `.tmp` into place: a checkpoint is valid only once all of it is on disk."""
+    tmp, final = pending.tmp, pending.final
+    with _no_space_reported(tmp):
+        if pending.future is not None:
+            pending.future.result()
     barrier()
     if rank() == 0:
         with _no_space_reported(tmp):
-            _write_json(tmp / STATE_FILE, {"step": step, **trainer_state})
+            _write_json(tmp / STATE_FILE, {"step": pending.step, **pending.trainer_state})
             _write_json(tmp / MANIFEST, {"files": file_records(tmp)})
-            (tmp / COMPLETE).write_text(f"step {step}\n")
+            (tmp / COMPLETE).write_text(f"step {pending.step}\n")
             _fsync_dir(tmp)
         if final.exists():
             _delete_atomically(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        _fsync_dir(pending.root)
     barrier()
     return final
 
@@ -429,6 +468,8 @@ class Checkpointer:
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.cfg = cfg
+        self.pending: PendingSave | None = None  # an asynchronous save not finished yet
+        self._async_group: Any = None
 
     def resume_target(self, mode: str) -> Path | None:
         """`resume` resolved: never (refused while checkpoints exist: they would be overwritten), auto (the newest
@@ -457,7 +498,25 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              state: dict[str, Any]) -> Path:
-        path = save_checkpoint(self.root, step, model, optimizer, state)
+        """Save `step` and prune. With `checkpoint.async_save` the shards are written in the background and
+        the returned directory becomes a valid checkpoint at `wait()` (the next save calls it first)."""
+        self.wait()
+        if not self.cfg.async_save:
+            path = save_checkpoint(self.root, step, model, optimizer, state)
+            self.prune()
+            return path
+        if self._async_group is None and is_initialized():
+            self._async_group = new_group()  # gloo, for the background write's collectives alone
+        self.pending = start_save(self.root, step, model, optimizer, state, asynchronous=True,
+                                  group=self._async_group)
+        return self.pending.final
+
+    def wait(self) -> Path | None:
+        """Finish an asynchronous save (every rank calls this): records, marker, rename, then pruning."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        path = finish_save(pending)
         self.prune()
         return path
 

@@ -360,7 +360,9 @@ class Trainer:
                         break
                     if self.checkpointer.due(self.step, is_last) and self._may_save():
                         self.save()
-                return self._finish(reason, last, log)
+                result = self._finish(reason, last, log)
+                self.checkpointer.wait()  # an asynchronous checkpoint is complete before the run ends
+                return result
             finally:
                 log.close()
                 self.lock.release()
