@@ -130,7 +130,7 @@ def _sp_proto(data: bytes):
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as e:  # the generated module imports google.protobuf
-        raise UserError("extending a SentencePiece tokenizer needs the package protobuf: pip install protobuf") from e
+        raise UserError("extending a SentencePiece tokenizer needs the package protobuf: pip install 'moecpt[vocab]'") from e
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(data)
     return proto
@@ -220,11 +220,11 @@ def _extend_sentencepiece(path: Path, files: list[Path], add: int, out_dir: Path
         if len(ranked) >= add or len(trained.pieces) < vocab_size:  # enough, or the corpus gave all it has
             break
         vocab_size += int(1.2 * (add - len(ranked))) + 100
-    chosen, spare = ranked[:add], ranked[add:]
+    chosen, spare, replaced = ranked[:add], ranked[add:], 0
     for _ in range(4):
         extended = _append_pieces(base, chosen)
         dead = _unreachable(extended, len(base.pieces))
-        chosen = [p for p in chosen if p not in dead]
+        chosen, replaced = [p for p in chosen if p not in dead], replaced + len(dead)
         if not dead:
             break
         chosen, spare = chosen + spare[:len(dead)], spare[len(dead):]
@@ -234,7 +234,7 @@ def _extend_sentencepiece(path: Path, files: list[Path], add: int, out_dir: Path
     (out_dir / "tokenizer.json").unlink(missing_ok=True)  # a stale one would not be the tokenizer loaded
     _copy_companions(path.parent, out_dir, ("tokenizer_config.json", "special_tokens_map.json"))
     return {"format": "sentencepiece", "added": len(chosen), "first_new_id": len(base.pieces),
-            "corpus_characters": sum(len(s) for s in lines)}
+            "replaced_unreachable": replaced, "corpus_characters": sum(len(s) for s in lines)}
 
 
 def _append_pieces(base, pieces: list[str]):
