@@ -457,13 +457,32 @@ def cached_shard(
     encoding: str = "utf-8",
     workers: int = 1,
 ) -> Path:
-    """The shard prefix for `inputs` in `cache_dir`, tokenizing them on first use.
-
-    The cache key hashes the input files' contents, the tokenizer file and the options, so an edited corpus or
-    another tokenizer gets a new shard instead of a stale one.
-    """
+    """The shard prefix for `inputs` in `cache_dir`, tokenizing them on first use (see `cache_prefix`)."""
     files = expand_inputs(inputs)
     tok_path = load_tokenizer(tokenizer).path
+    prefix = _prefix_for(files, cache_dir, tok_path, text_key, encoding)
+    remove_stale_temp_files(prefix)
+    if not shard_exists(prefix):
+        tokenize_corpus(
+            files, prefix, tokenizer=tok_path, text_key=text_key, encoding=encoding, workers=workers
+        )
+    return prefix
+
+
+def cache_prefix(
+    inputs: Sequence[str | os.PathLike],
+    cache_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    text_key: str = "text",
+    encoding: str = "utf-8",
+) -> Path:
+    """The prefix `cached_shard` writes the shard of `inputs` to, without tokenizing (so that a rank can wait
+    for a shard another rank makes). The cache key hashes the input files' contents, the tokenizer file and
+    the options, so an edited corpus or another tokenizer gets a new shard instead of a stale one."""
+    return _prefix_for(expand_inputs(inputs), cache_dir, load_tokenizer(tokenizer).path, text_key, encoding)
+
+
+def _prefix_for(files: list[Path], cache_dir: str | os.PathLike, tok_path: str, text_key: str, encoding: str) -> Path:
     key = hashlib.sha256(
         json.dumps(
             {
@@ -477,10 +496,4 @@ def cached_shard(
         ).encode()
     ).hexdigest()[:16]
     stem = files[0].name.split(".")[0] if len(files) == 1 else f"{files[0].parent.name}-{len(files)}files"
-    prefix = Path(cache_dir) / f"{stem}-{key}"
-    remove_stale_temp_files(prefix)
-    if not shard_exists(prefix):
-        tokenize_corpus(
-            files, prefix, tokenizer=tok_path, text_key=text_key, encoding=encoding, workers=workers
-        )
-    return prefix
+    return Path(cache_dir) / f"{stem}-{key}"

@@ -8,6 +8,8 @@ import contextlib
 import dataclasses
 import os
 import random
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import numpy as np
 import torch
 
 from moecpt.config import TrainConfig
-from moecpt.data.mixture import MixtureDataset, resolve_mixture
+from moecpt.data.indexed import shard_exists
+from moecpt.data.mixture import MixtureDataset, parse_mixture, resolve_mixture
+from moecpt.data.preprocess import cache_prefix, cached_shard
 from moecpt.data.tokenizer import Tokenizer, load_tokenizer
 from moecpt.errors import UserError
 from moecpt.kernels.attention import sdpa_backend
@@ -102,19 +106,51 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(cfg: TrainConfig, rt: Runtime) -> tuple[Tokenizer, MixtureDataset]:
-    """The tokenizer and the mixture, each name resolved through `data.corpora`. Rank 0 tokenizes JSON Lines
-    sources into the shared shard cache first; the other ranks then read it."""
+    """The tokenizer and the mixture, each name resolved through `data.corpora`. JSON Lines sources are
+    tokenized into the shared shard cache first: on several ranks, each its share (`tokenize_shared`), with
+    no collective while it runs; then every rank reads the cache."""
     tokenizer = load_tokenizer(cfg.data.tokenizer or None)
-    if not rt.is_main:
-        pdist.barrier()
+    if rt.world > 1 and cfg.data.cache_dir:
+        tokenize_shared(cfg, tokenizer.path, rt)
     entries = resolve_mixture(cfg.data.mixture, cfg.data.cache_dir, tokenizer=tokenizer.path,
                               sources=cfg.data.corpora)
     dataset = MixtureDataset(entries, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
                              allow_repeat=cfg.data.allow_repeat, valid_fraction=cfg.data.valid_fraction,
                              valid_max_documents=cfg.data.valid_max_documents)
-    if rt.is_main:
-        pdist.barrier()
     return tokenizer, dataset
+
+
+def raw_sources(cfg: TrainConfig) -> list[str]:
+    """The sources of every data stage's mixture that are not shards yet (JSON Lines files, globs,
+    directories), each once, in the config's order."""
+    mixtures = [cfg.data.mixture, *(stage.mixture for stage in cfg.data.stages)]
+    found = [src for mixture in mixtures for e in parse_mixture(mixture) for name in e.prefixes
+             for src in cfg.data.corpora.get(name, [name]) if not shard_exists(src)]
+    return list(dict.fromkeys(found))
+
+
+def tokenize_shared(cfg: TrainConfig, tokenizer_path: str, rt: Runtime, poll_s: float = 0.5) -> list[Path]:
+    """Tokenize the raw sources on all ranks at once, source i by rank i mod world (each into its cache
+    shard, written under a temporary name and renamed when complete), then wait until every shard exists by
+    polling the cache directory: no rank sits in a collective (whose timeout is `parallel.timeout_s`) while
+    another tokenizes. A rank that fails ends the job (torchrun stops the others). Returns the shard prefixes.
+    For a cluster, tokenize once beforehand instead: `moecpt data tokenize` (docs/distributed.md)."""
+    prefixes = []
+    for i, src in enumerate(raw_sources(cfg)):
+        if i % rt.world == rt.rank:
+            print(f"moecpt: rank {rt.rank} tokenizing {src} into {cfg.data.cache_dir}", file=sys.stderr, flush=True)
+            prefixes.append(cached_shard([src], cfg.data.cache_dir, tokenizer=tokenizer_path))
+        else:
+            prefixes.append(cache_prefix([src], cfg.data.cache_dir, tokenizer=tokenizer_path))
+    waited, last_note = 0.0, time.monotonic()
+    while missing := [p for p in prefixes if not shard_exists(p)]:
+        if time.monotonic() - last_note > 300:
+            print(f"moecpt: rank {rt.rank} waiting {waited:.0f} s for {len(missing)} shard(s) other ranks "
+                  f"are tokenizing, e.g. {missing[0]}", file=sys.stderr, flush=True)
+            last_note = time.monotonic()
+        time.sleep(poll_s)
+        waited += poll_s
+    return prefixes
 
 
 def check_token_ids(tokenizer: Tokenizer, dataset: MixtureDataset, vocab_size: int) -> None:
