@@ -232,6 +232,9 @@ def test_bad_requests_are_refused_naming_the_problem(tmp_path, shared_data):
         extend_tokenizer(None, [bad], 10, tmp_path / "b")
     with pytest.raises(UserError, match="no input file matches"):
         extend_tokenizer(None, [tmp_path / "none*.jsonl"], 10, tmp_path / "c")
+    base = byte_level_tokenizer(tmp_path / "base", heldout("en"), size=300)
+    with pytest.raises(UserError, match="is the base tokenizer's directory"):
+        extend_tokenizer(base, [corpus], 10, base)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(UserError, match="holds no text"):

@@ -139,6 +139,8 @@ def test_resize_refuses_a_model_that_does_not_go_with_the_tokenizer(tmp_path, sh
     qwen3_moe(tmp_path / "small", vocab_size=300)  # fewer rows than the tokenizer it is said to extend
     with pytest.raises(UserError, match="300 embedding rows, fewer than the 403 ids"):
         resize_model(tmp_path / "small", tok, tmp_path / "out")
+    with pytest.raises(UserError, match="must be a new directory"):
+        resize_model(tmp_path / "small", tok, tmp_path / "small")
     (tok / "vocab_extension.json").unlink()  # an extended tokenizer from elsewhere: the model's own is needed
     with pytest.raises(UserError, match="has no tokenizer to compare it with"):
         resize_model(tmp_path / "small", tok, tmp_path / "out")

@@ -46,6 +46,9 @@ def extend_tokenizer(base, corpora: list[Path], add: int, out_dir: Path, seed: i
     tok = load_tokenizer(base)
     files = expand_inputs([str(c) for c in corpora])
     out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(tok.path).parent.resolve():
+        raise UserError(f"vocab extend: --out {out_dir} is the base tokenizer's directory; choose a new directory "
+                        "(writing there would replace the base tokenizer)")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if isinstance(tok, HFTokenizer):

@@ -35,6 +35,9 @@ def resize_model(model_dir: str | Path, new_tokenizer_dir: str | Path, out_dir: 
     `check_tokens` > 0, the old and resized models run on that many random old ids and the report's
     `old_logits_max_abs_diff` is the largest change of an old-vocabulary logit (0.0: unchanged)."""
     start = time.perf_counter()
+    if Path(out_dir).resolve() in (Path(model_dir).resolve(), Path(new_tokenizer_dir).resolve()):
+        raise UserError(f"vocab resize: OUT_DIR {out_dir} must be a new directory, not the model's or the "
+                        "tokenizer's")
     new_tok = load_tokenizer(new_tokenizer_dir)
     old_size = _old_vocab_size(Path(model_dir), Path(new_tok.path).parent, new_tok)
     model = load_model(model_dir, dtype=None)
