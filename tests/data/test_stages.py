@@ -151,7 +151,9 @@ def test_training_with_stages_logs_and_reports_shares_per_stage(shards, tmp_path
     as_tables = "\n".join(line for line in toml.splitlines() if not line.startswith("stages = "))
     (tmp_path / "tables.toml").write_text(as_tables + '\n[[data.stages]]\nstart_step = 3\nmixture = "0.5 ja 0.25 en 0.25 hq"\n')
     assert load_config(tmp_path / "tables.toml") == cfg  # the same stages written as [[data.stages]] tables
-    assert train(cfg)["reason"] == "finished"
+    result = train(cfg)
+    assert result["reason"] == "finished"
+    assert {"val_bpb/ja", "val_bpb/en", "val_bpb/hq"} <= set(result["validation"])  # every stage's corpora
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["data_stage"] for r in records] == [0, 0, 0, 1, 1, 1]
     assert records[-1]["stage_share/hq"] == pytest.approx(0.25) and "loss/hq" in records[-1]

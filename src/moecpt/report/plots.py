@@ -40,7 +40,7 @@ def _line_plot(path: Path, title: str, ylabel: str, curves: dict[str, tuple[list
     for label, (x, y) in curves.items():
         planned = label.startswith("planned")
         ax.plot(x, y, label=label, marker="o" if len(x) < 30 and not planned else None, markersize=3,
-                linestyle="--" if planned else "-")
+                **({"linewidth": 4, "alpha": 0.35, "zorder": 1} if planned else {}))  # the plan, under the log
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
