@@ -1,6 +1,7 @@
 """`moecpt upcycle`: a dense Llama, Mistral or Qwen3 becomes a Mixtral or Qwen3-MoE with the same logits (fp32,
 1e-5, in transformers and in moecpt), by copies and by virtual groups; impossible combinations are refused with
-the reason; the upcycled model trains and exports."""
+the reason. That the upcycled model trains and exports is tested with the recipe step
+(tests/pipeline/test_cpt_steps.py)."""
 
 from __future__ import annotations
 
@@ -142,28 +143,3 @@ def test_cli_upcycles_and_refuses(dense, tmp_path, capsys):
     assert json.loads((tmp_path / "m" / "upcycle.json").read_text())["seed"] == 3
     assert main(["upcycle", llama, str(tmp_path / "n"), "--experts", "8", "--top-k", "3", "--granularity", "2"]) == 2
     assert "no exact virtual-group initialisation" in capsys.readouterr().err
-
-
-def test_upcycled_model_trains_and_exports(tmp_path, tiny_corpora):
-    """A dense Llama with Mixtral's vocabulary upcycled, continued for 3 steps,
-    exported: transformers loads the export with the trained weights and the tokenizer."""
-    from moecpt.config import load_config
-    from moecpt.train.trainer import train
-
-    from ..tiny_config import tiny_config_toml
-
-    dense_dir = tmp_path / "dense"
-    make_dense("llama", dense_dir, vocab_size=32000, max_position_embeddings=256)
-    moe = upcycle(dense_dir, tmp_path / "moe", experts=4, top_k=2, granularity=2)
-    cfg_path = tmp_path / "cfg.toml"
-    cfg_path.write_text(tiny_config_toml(tmp_path / "run", tmp_path / "shards", tiny_corpora,
-                                         {"model": {"overrides": {}}, "training": {"steps": 3},
-                                          "checkpoint": {"export_at_end": True, "interval": 0}},
-                                         init_from=str(moe)))
-    result = train(load_config(cfg_path))
-    assert result["reason"] == "finished", result
-    out = Path(result["export"])
-    reloaded = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32)
-    start = transformers.MixtralForCausalLM.from_pretrained(moe, dtype=torch.float32)
-    moved = [n for n, p in reloaded.named_parameters() if not torch.equal(p, start.state_dict()[n])]
-    assert any("experts" in n for n in moved) and any("gate" in n for n in moved)

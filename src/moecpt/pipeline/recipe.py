@@ -9,6 +9,10 @@
     [cpt]                    continual pre-training (`mixture`, `init_from` = "base" or a Hugging Face
                              directory, + overrides of [train])
     [eval]                   suite, limit, data_dir ("" = ../shared/data/eval when present, "none" = held-out only)
+    [upcycle]                optional: a dense model upcycled into the MoE the cpt stage starts from
+                             ([cpt] init_from = "upcycle"; see moecpt.pipeline.steps)
+    [merge]                  optional, after cpt: average its last checkpoints or named models, or add a task
+                             vector; the merged model is the one evaluated and exported
 
 Relative paths are relative to the directory `moecpt run` is started from, like those of `moecpt train`.
 """
@@ -23,9 +27,11 @@ from typing import Any
 
 from moecpt.config import TrainConfig, apply_overrides, config_from_dict, dataclass_from_dict, read_toml
 from moecpt.errors import UserError
+from moecpt.pipeline.steps import MergeSection, UpcycleSection, check_steps
 
 DEFAULT_RECIPE = "mini"
-RECIPE_KEYS = {"name", "description", "run_dir", "corpora", "heldout", "train", "base", "cpt", "eval"}
+RECIPE_KEYS = {"name", "description", "run_dir", "corpora", "heldout", "train", "base", "cpt", "eval", "upcycle",
+               "merge"}
 STAGE_KEYS = {"mixture", "init_from"}
 
 
@@ -51,6 +57,8 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     source: str = ""
     description: str = ""
+    upcycle: UpcycleSection | None = None
+    merge: MergeSection | None = None
 
     def stage_config(self, stage: str, corpora: dict[str, list[str]], init_from: str = "") -> TrainConfig:
         """The `moecpt train` configuration of a stage: [train], overridden by the stage's own tables."""
@@ -106,8 +114,15 @@ def load_recipe(path: str | Path | None, run_dir: str | None = None, overrides: 
                         "init_from to a Hugging Face directory")
     corpora = {k: [v] if isinstance(v, str) else list(v) for k, v in data["corpora"].items()}
     ev = dataclass_from_dict(EvalSection, data.get("eval", {}), "eval.", str(path))
-    return Recipe(
+    upcycle = dataclass_from_dict(UpcycleSection, data["upcycle"], "upcycle.", str(path)) if "upcycle" in data else None
+    merge = dataclass_from_dict(MergeSection, data["merge"], "merge.", str(path)) if "merge" in data else None
+    recipe = Recipe(
         name=data["name"], run_dir=Path(run_dir or data.get("run_dir") or f"runs/{data['name']}"), corpora=corpora,
         heldout=dict(data.get("heldout", {})), train=data.get("train", {}), base=data.get("base"), cpt=data["cpt"],
-        eval=ev, source=str(path), description=data.get("description", ""),
+        eval=ev, source=str(path), description=data.get("description", ""), upcycle=upcycle, merge=merge,
     )
+    keep_last = 0
+    if merge is not None and merge.average_last:
+        keep_last = recipe.stage_config("cpt", {k: ["x"] for k in corpora}).checkpoint.keep_last
+    check_steps(str(path), upcycle, merge, cpt_init, keep_last)
+    return recipe

@@ -5,9 +5,13 @@ rerun after a crash continues where the run stopped (training itself resumes fro
 evaluation from its saved predictions):
 
     corpora   write the built-in corpora (if the recipe uses them) and tokenize every corpus into shards
+    upcycle   upcycle a dense model into the MoE the cpt stage starts from (optional, RUN_DIR/upcycled)
     base      pre-train a base model from scratch (optional)
-    cpt       continual pre-training on the recipe's mixture, from the base model or a Hugging Face model
-    eval      evaluate the base and the continually pre-trained model (tasks + held-out bits per byte)
+    cpt       continual pre-training on the recipe's mixture, from the base model, the upcycled one or a
+              Hugging Face model
+    merge     average the cpt run's last checkpoints or named models, or add a task vector (optional,
+              RUN_DIR/merged: then the model evaluated and exported)
+    eval      evaluate the base and the continually pre-trained (or merged) model (tasks + held-out bits per byte)
     export    the final model as a Hugging Face directory in RUN_DIR/hf
     report    RUN_DIR/report.md, figures and summary.json
 """
@@ -25,7 +29,8 @@ from typing import Any
 from moecpt.errors import UserError
 from moecpt.pipeline.recipe import Recipe
 
-STAGES = ("corpora", "base", "cpt", "eval", "export", "report")
+STAGES = ("corpora", "upcycle", "base", "cpt", "merge", "eval", "export", "report")
+OPTIONAL = {"base": "base", "upcycle": "upcycle", "merge": "merge"}  # stage -> the Recipe field that enables it
 
 
 def say(msg: str) -> None:
@@ -57,7 +62,7 @@ class Pipeline:
         say(f"recipe {self.recipe.name!r} ({self.recipe.source}) -> {self.run_dir}")
         self.check_eval_requirements()
         for stage in STAGES:
-            if stage == "base" and self.recipe.base is None:
+            if stage in OPTIONAL and getattr(self.recipe, OPTIONAL[stage]) is None:
                 continue
             previous = self.done(stage)
             if previous is not None and stage != "report":
@@ -141,20 +146,37 @@ class Pipeline:
     def stage_base(self) -> dict[str, Any]:
         return self._train("base", init_from=self.recipe.base.get("init_from", ""))
 
+    def stage_upcycle(self) -> dict[str, Any]:
+        from moecpt.pipeline.steps import run_upcycle
+
+        return run_upcycle(self.recipe.upcycle, self.run_dir)
+
     def stage_cpt(self) -> dict[str, Any]:
         init = self.recipe.cpt.get("init_from", "base")
-        if init == "base":
-            init = self.done("base")["hf"]
+        if init in ("base", "upcycle"):
+            init = self.done(init)["hf"]
         return self._train("cpt", init_from=init)
+
+    def stage_merge(self) -> dict[str, Any]:
+        from moecpt.pipeline.steps import run_merge
+
+        cpt = self.done("cpt")
+        return run_merge(self.recipe.merge, self.run_dir, Path(cpt["run_dir"]), cpt["hf"])
 
     def base_model_dir(self) -> str:
         if self.recipe.base is not None:
             return self.done("base")["hf"]
+        if self.recipe.upcycle is not None:
+            return self.done("upcycle")["hf"]
         return self.recipe.cpt["init_from"]
+
+    def final_model_dir(self) -> str:
+        """The study's result: the merged model when the recipe merges, else the cpt stage's."""
+        return self.done("merge")["hf"] if self.recipe.merge is not None else self.done("cpt")["hf"]
 
     def stage_eval(self) -> dict[str, Any]:
         base = self.evaluate("base", self.base_model_dir())
-        cpt = self.evaluate("cpt", self.done("cpt")["hf"], compare=base)
+        cpt = self.evaluate("cpt", self.final_model_dir(), compare=base)
         return {"base": base, "cpt": cpt}
 
     def evaluate(self, label: str, model_dir: str, compare: str | None = None) -> str:
@@ -213,13 +235,16 @@ class Pipeline:
         dst = self.run_dir / "hf"
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(self.done("cpt")["hf"], dst)
+        shutil.copytree(self.final_model_dir(), dst)
         return {"hf": str(dst)}
 
     def stage_report(self) -> dict[str, Any]:
+        from moecpt.pipeline.steps import add_steps_to_report
         from moecpt.report.report import write_report
 
-        return {"report": str(write_report(self.run_dir))}
+        report = write_report(self.run_dir)
+        add_steps_to_report(self.run_dir, {s: self.done(s) for s in ("upcycle", "merge") if self.done(s)})
+        return {"report": str(report)}
 
 
 def print_stage_config(recipe: Recipe, stage: str) -> str:
@@ -231,9 +256,13 @@ def print_stage_config(recipe: Recipe, stage: str) -> str:
     pipe = Pipeline(recipe)
     init = ""
     if stage == "cpt":
+        from moecpt.pipeline.steps import UPCYCLED
+
         init = recipe.cpt.get("init_from", "base")
         if init == "base":
             init = str(recipe.run_dir / "base" / "hf")
+        elif init == "upcycle":
+            init = str(recipe.run_dir / UPCYCLED)
     else:
         init = recipe.base.get("init_from", "")
     planned = pipe.resolved_corpora(write=False)
