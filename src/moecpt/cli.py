@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "moecpt.data.cli",
     "moecpt.train.cli",
     "moecpt.tools.cli",
+    "moecpt.tools.vocab",
     "moecpt.parallel.cli",
     "moecpt.report.cli",
     "moecpt.pipeline.cli",
