@@ -22,6 +22,7 @@ from moecpt.data.tokenizer import load_tokenizer
 from moecpt.data.vocab import (
     EXTENSION_FILE,
     base_tokenizations,
+    corpus_texts,
     extend_tokenizer,
     learn_merges,
     training_lines,
@@ -239,6 +240,23 @@ def test_bad_requests_are_refused_naming_the_problem(tmp_path, shared_data):
     empty.write_text("\n\n")
     with pytest.raises(UserError, match="holds no text"):
         extend_tokenizer(None, [empty], 10, tmp_path / "d")
+
+
+def test_corpora_are_read_from_jsonl_txt_and_compressed_files_and_other_encodings_refused(tmp_path, shared_data):
+    import gzip
+
+    import zstandard
+
+    docs = ["一つ目の文書。", "二つ目の文書。"]
+    lines = "".join(json.dumps({"text": d, "id": i}, ensure_ascii=False) + "\n" for i, d in enumerate(docs))
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    (tmp_path / "c.txt").write_text("テキスト\nファイル", encoding="utf-8")
+    files = [tmp_path / n for n in ("a.jsonl.gz", "b.jsonl.zst", "c.txt")]
+    assert list(corpus_texts(files)) == [*docs, *docs, "テキスト\nファイル"]
+    sjis = sorted((shared_data / "raw" / "aozora_sjis").glob("*.txt"))[0]
+    with pytest.raises(UserError, match=r"not UTF-8 text .* iconv -f cp932"):
+        list(corpus_texts([sjis]))
 
 
 def test_a_unigram_or_wordpiece_base_is_refused(tmp_path, shared_data):

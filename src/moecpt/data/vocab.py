@@ -21,10 +21,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from moecpt.data.preprocess import expand_inputs
-from moecpt.data.tokenizer import HFTokenizer, load_tokenizer
+from moecpt.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from moecpt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def extend_tokenizer(base, corpora: list[Path], add: int, out_dir: Path, seed: i
     `load_tokenizer`, the trainer and export take like any other. Returns `out_dir`."""
     if not isinstance(add, int) or add < 1:
         raise UserError(f"vocab extend: --add must be a positive number of pieces, not {add!r}")
-    tok = load_tokenizer(base)
+    tok = _extendable(load_tokenizer(base))
     files = expand_inputs([str(c) for c in corpora])
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(tok.path).parent.resolve():
@@ -67,6 +67,13 @@ def extend_tokenizer(base, corpora: list[Path], add: int, out_dir: Path, seed: i
     return out_dir
 
 
+def _extendable(tok: Tokenizer) -> Tokenizer:
+    if not isinstance(tok, HFTokenizer | SentencePieceTokenizer):
+        raise UserError(f"{tok.path}: vocab extend and resize handle SentencePiece models and tokenizer.json files, "
+                        f"not a {type(tok).__name__}")
+    return tok
+
+
 def read_extension(tokenizer_dir: str | Path) -> dict[str, Any] | None:
     """The record `extend_tokenizer` left in a tokenizer directory, or None for a tokenizer it did not write."""
     path = Path(tokenizer_dir) / EXTENSION_FILE
@@ -81,34 +88,42 @@ def read_extension(tokenizer_dir: str | Path) -> dict[str, Any] | None:
 # ---- reading the corpus ------------------------------------------------------------------------------------
 def corpus_texts(files: Iterable[Path], text_key: str = "text") -> Iterator[str]:
     """The documents of JSON Lines (.jsonl/.json: the `text_key` field) and plain text files (.txt: the whole
-    file), optionally .gz or .zst compressed."""
+    file), UTF-8, optionally .gz or .zst compressed."""
     for path in files:
-        name = path.name.removesuffix(".gz").removesuffix(".zst")
-        with _open_text(path) as f:
-            if name.endswith(".txt"):
-                yield f.read()
+        try:
+            yield from _file_texts(path, text_key)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. "
+                            f"iconv -f cp932 -t utf-8 for Shift_JIS") from None
+
+
+def _file_texts(path: Path, text_key: str) -> Iterator[str]:
+    name = path.name.removesuffix(".gz").removesuffix(".zst")
+    with _open_text(path) as f:
+        if name.endswith(".txt"):
+            yield f.read()
+            return
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
                 continue
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[text_key]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: not a JSON object with a {text_key!r} string field; "
-                                    "vocab extend reads JSON Lines with a 'text' field or .txt files") from None
-                if isinstance(text, str) and text:
-                    yield text
+            try:
+                text = json.loads(line)[text_key]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno}: not a JSON object with a {text_key!r} string field; "
+                                "vocab extend reads JSON Lines with a 'text' field or .txt files") from None
+            if isinstance(text, str) and text:
+                yield text
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_text(path: Path) -> IO[str]:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
     if path.suffix == ".zst":
         try:
             import zstandard
         except ImportError as e:
-            raise UserError(f"{path}: reading .zst files needs the package zstandard") from e
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(path.open("rb")), encoding="utf-8")
+            raise UserError(f"{path}: reading .zst files needs the package zstandard: pip install zstandard") from e
+        return zstandard.open(path, "rt", encoding="utf-8")
     return path.open(encoding="utf-8")
 
 
@@ -396,7 +411,7 @@ def base_tokenizations(tokenizer_dir: str | Path, old_vocab_size: int) -> list[l
     """For each id from `old_vocab_size` up of the tokenizer in `tokenizer_dir`, the ids its piece has under
     the old tokenizer: the same tokenizer cut back to its first `old_vocab_size` ids (and, for a
     tokenizer.json that `extend_tokenizer` wrote, its base's merges)."""
-    tok = load_tokenizer(tokenizer_dir)
+    tok = _extendable(load_tokenizer(tokenizer_dir))
     if not 0 < old_vocab_size < tok.vocab_size:
         raise UserError(f"{tok.path}: has {tok.vocab_size} ids; nothing comes after an old vocabulary of "
                         f"{old_vocab_size}")
