@@ -91,8 +91,9 @@ class Trainer:
         self.tokens_per_step = t.global_batch * cfg.data.seq_len
         self.loader = MixtureLoader(dataset, t.micro_batch, rt.rank, rt.world, later_stages)
         self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
-        self.validator = Validator(validation_corpora(dataset, later_stages), tokenizer, rt, t.micro_batch, cfg.logging.val_batches * t.micro_batch,
-                                   cfg.data.seq_len, cfg.model.intra_doc_attention)
+        self.validator = Validator(validation_corpora(dataset, later_stages), tokenizer, rt, t.micro_batch,
+                                   cfg.logging.val_batches * t.micro_batch, cfg.data.seq_len,
+                                   cfg.model.intra_doc_attention)
         self.spikes = SpikeDetector(t.spike_factor)
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
         # Finite steps still needed after a non-finite one before a checkpoint is written again; the first
@@ -188,12 +189,12 @@ class Trainer:
         count and data position of another run's checkpoint; the LR decays from its last step's to min_lr."""
         if ckpt_lib.is_hf_dir(src):
             raise UserError(f"schedule.decay_only: init_from = {src} is a Hugging Face directory, which holds no "
-                            "optimizer state to continue. Branch from a moecpt checkpoint (RUN/checkpoints/step_N, "
-                            "or RUN for its latest), or drop schedule.decay_only to start afresh from these weights")
+                            "optimizer state to continue. Branch from a moecpt checkpoint (RUN/checkpoints/step_N), "
+                            "or drop schedule.decay_only to start afresh from these weights")
         ckpt = ckpt_lib.find_checkpoint(src)
         if ckpt is None:
-            raise UserError(f"schedule.decay_only: init_from = {src} is neither a moecpt checkpoint nor a run "
-                            "directory with one (RUN/checkpoints/step_N)")
+            raise UserError(f"schedule.decay_only: init_from = {src} is not a moecpt checkpoint; name one, e.g. "
+                            "RUN/checkpoints/step_00002000")
         saved = ckpt_lib.read_trainer_state(ckpt)
         if saved["step"] >= self.cfg.training.steps:
             raise UserError(f"schedule.decay_only: {ckpt} is at step {saved['step']}, so training.steps "
