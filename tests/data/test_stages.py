@@ -1,7 +1,8 @@
 """Data stages: mixtures that change at step boundaries (a shrinking English replay share, a final
 high-quality stage). Within each stage every sample is served once, in order, through restarts and on any
 number of ranks; each corpus continues its pass across stages (no document again from its start); the
-trainer logs and reports the realised share of each corpus per stage.
+trainer logs and reports the realised share of each corpus per stage, and a training run resumed before or
+inside a stage repeats the uninterrupted run's losses.
 
 The corpora are synthetic shards whose every token id is unique, so a token names the one place it comes from.
 """
@@ -9,6 +10,7 @@ The corpora are synthetic shards whose every token id is unique, so a token name
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +146,7 @@ def test_training_with_stages_logs_and_reports_shares_per_stage(shards, tmp_path
     later = [{"start_step": 3, "mixture": "0.5 ja 0.25 en 0.25 hq"}]
     toml = tiny_config_toml(tmp_path / "run", tmp_path / "cache", corpora,
                             {"data": {"mixture": "0.5 ja 0.5 en", "seq_len": SEQ, "stages": later},
-                             "training": {"steps": 6}, "checkpoint": {"interval": 3}})
+                             "training": {"steps": 6}, "checkpoint": {"interval": 2}})
     (tmp_path / "cfg.toml").write_text(toml)
     cfg = load_config(tmp_path / "cfg.toml")
     assert cfg.data.stages[0].start_step == 3 and load_config(tmp_path / "cfg.toml") == cfg
@@ -162,6 +164,13 @@ def test_training_with_stages_logs_and_reports_shares_per_stage(shards, tmp_path
     table = "\n".join(stage_table(stages))
     assert "| 1 | 4-6 | ja | 0.500 | 0.500 |" in table and "| hq | 0.250 | 0.250 |" in table
     assert any(p.name == "stage_shares.png" for p in plot_run(tmp_path / "run"))
+    # a run resumed from step 2 (stage 0) or step 4 (mid-stage 1) trains on the same samples: the same losses
+    for step in (2, 4):
+        again = tmp_path / f"from{step}"
+        shutil.copytree(tmp_path / "run" / "checkpoints" / f"step_{step:08d}", again / "checkpoints" / f"step_{step:08d}")
+        assert train(load_config(tmp_path / "cfg.toml", [f"--run_dir={again}"]))["reason"] == "finished"
+        assert [(r["step"], r["loss"]) for r in read_metrics(again) if "loss" in r] == [
+            (r["step"], r["loss"]) for r in records if r["step"] > step]
     # a stage boundary outside the run, or a stage naming an unknown corpus, is refused with the key
     with pytest.raises(UserError, match=r"data.stages\[0\].start_step = 6 must be above 0 and below training.steps"):
         load_config(tmp_path / "cfg.toml", ["--data.stages=[{start_step = 6, mixture = '1 ja'}]"])
