@@ -284,15 +284,18 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _word_counts(tok, texts: Iterable[str]) -> Counter[str]:
-    """The base's pre-tokenized words of the corpus (after its normaliser), with their counts."""
+def _word_counts(tok, texts: Iterable[str]) -> tuple[Counter[str], int]:
+    """The base's pre-tokenized words of the corpus (after its normaliser), with their counts, and the
+    corpus's characters."""
     words: Counter[str] = Counter()
+    chars = 0
     for text in texts:
+        chars += len(text)
         if tok.normalizer is not None:
             text = tok.normalizer.normalize_str(text)
         pieces = tok.pre_tokenizer.pre_tokenize_str(text) if tok.pre_tokenizer is not None else [(text, None)]
         words.update(w for w, _ in pieces)
-    return words
+    return words, chars
 
 
 def learn_merges(segmented: dict[tuple[str, ...], int], count: int, vocab: dict[str, int],
@@ -369,8 +372,9 @@ def _extend_tokenizer_json(path: Path, files: list[Path], add: int, out_dir: Pat
     model = data["model"]
     vocab: dict[str, int] = model["vocab"]
     pair_form = bool(model["merges"]) and not isinstance(model["merges"][0], str)
+    base_merges = len(model["merges"])
     old = {tuple(m) if pair_form else tuple(m.split(" ", 1)) for m in model["merges"]}
-    words = _word_counts(tok, corpus_texts(files))
+    words, chars = _word_counts(tok, corpus_texts(files))
     if not words:
         raise UserError(f"vocab extend: the corpus ({', '.join(map(str, files))}) holds no text")
     segmented: Counter[tuple[str, ...]] = Counter()
@@ -396,8 +400,8 @@ def _extend_tokenizer_json(path: Path, files: list[Path], add: int, out_dir: Pat
     (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "tokenizer.model").unlink(missing_ok=True)  # load_tokenizer would prefer it
     _copy_companions(path.parent, out_dir, _JSON_COMPANIONS)
-    return {"format": "tokenizer.json", "added": added, "first_new_id": first, "base_merges": len(old),
-            "merges_added": len(merges), "corpus_characters": sum(len(w) * n for w, n in words.items())}
+    return {"format": "tokenizer.json", "added": added, "first_new_id": first, "base_merges": base_merges,
+            "merges_added": len(merges), "corpus_characters": chars}
 
 
 def _copy_companions(src: Path, dst: Path, names: tuple[str, ...]) -> None:

@@ -11,16 +11,17 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from moecpt.data.tokenizer import Tokenizer, load_tokenizer
-from moecpt.data.vocab import base_tokenizations, extend_tokenizer, read_extension
 from moecpt.errors import UserError
-from moecpt.model import CausalLM, build_model
-from moecpt.train.checkpoint import load_model
-from moecpt.train.export import export_tokenizer
+
+# torch, the model and the trainer are imported where they are used: `moecpt` imports this module for its
+# command list, and a command that does not need them (or `moecpt --help`) should not wait for them.
+if TYPE_CHECKING:
+    import torch
+
+    from moecpt.data.tokenizer import Tokenizer
+    from moecpt.model import CausalLM
 
 RESIZE_FILE = "vocab_resize.json"  # resize_model's report, beside the weights it wrote
 
@@ -34,6 +35,12 @@ def resize_model(model_dir: str | Path, new_tokenizer_dir: str | Path, out_dir: 
     tokenizer's ids (padding rows, as Qwen's) are taken by new ids before rows are added. With
     `check_tokens` > 0, the old and resized models run on that many random old ids and the report's
     `old_logits_max_abs_diff` is the largest change of an old-vocabulary logit (0.0: unchanged)."""
+    from moecpt.data.tokenizer import load_tokenizer
+    from moecpt.data.vocab import base_tokenizations
+    from moecpt.model import build_model
+    from moecpt.train.checkpoint import load_model
+    from moecpt.train.export import export_tokenizer
+
     start = time.perf_counter()
     if Path(out_dir).resolve() in (Path(model_dir).resolve(), Path(new_tokenizer_dir).resolve()):
         raise UserError(f"vocab resize: OUT_DIR {out_dir} must be a new directory, not the model's or the "
@@ -74,6 +81,9 @@ def resize_model(model_dir: str | Path, new_tokenizer_dir: str | Path, out_dir: 
 def _old_vocab_size(model_dir: Path, tokenizer_dir: Path, new_tok: Tokenizer) -> int:
     """The base vocabulary size the new tokenizer extends: from its `extend_tokenizer` record, else from the
     tokenizer in `model_dir` (which must then be a prefix of the new one: its size is all that is checked)."""
+    from moecpt.data.tokenizer import load_tokenizer
+    from moecpt.data.vocab import read_extension
+
     meta = read_extension(tokenizer_dir)
     if meta is not None:
         return int(meta["base_vocab_size"])
@@ -91,6 +101,8 @@ def _old_vocab_size(model_dir: Path, tokenizer_dir: Path, new_tok: Tokenizer) ->
 def extend_rows(weight: torch.Tensor, old_size: int, pieces: list[list[int]], rows: int) -> torch.Tensor:
     """`weight` [V, H] grown to [rows, H]: row old_size + j becomes the mean (in fp32) of the rows `pieces[j]`;
     every other row of `weight` is kept."""
+    import torch
+
     if any(not ids for ids in pieces):
         raise UserError("a new piece has no tokens under the old tokenizer; the tokenizer is damaged")
     weight = weight.detach()
@@ -105,15 +117,16 @@ def extend_rows(weight: torch.Tensor, old_size: int, pieces: list[list[int]], ro
     return out
 
 
-@torch.no_grad()
 def old_logits_difference(old: CausalLM, new: CausalLM, old_size: int, tokens: int, seed: int = 0) -> float:
     """Largest |difference| of the logits of the first `old_size` ids between `old` and `new` on `tokens`
     random old ids (one sequence, capped at the context length)."""
+    import torch
+
     tokens = min(tokens, old.config.max_position_embeddings)
     ids = torch.randint(0, old_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
-    device = next(old.parameters()).device
-    a = old(ids.to(device)).logits[..., :old_size].float()
-    b = new(ids.to(device)).logits[..., :old_size].float()
+    ids = ids.to(next(old.parameters()).device)
+    with torch.no_grad():
+        a, b = (m(ids).logits[..., :old_size].float() for m in (old, new))
     return float((a - b).abs().max())
 
 
@@ -128,6 +141,8 @@ def tokens_per_character(tok: Tokenizer, texts: list[str]) -> dict[str, float]:
 def vocab_report(old_tokenizer, new_tokenizer, ja_texts: list[str], en_texts: list[str]) -> dict[str, Any]:
     """Tokens per character of held-out Japanese and English text under the old and the new tokenizer
     (paths, directories or loaded tokenizers), and the relative change (new / old - 1)."""
+    from moecpt.data.tokenizer import Tokenizer, load_tokenizer
+
     old = old_tokenizer if isinstance(old_tokenizer, Tokenizer) else load_tokenizer(old_tokenizer)
     new = new_tokenizer if isinstance(new_tokenizer, Tokenizer) else load_tokenizer(new_tokenizer)
     report: dict[str, Any] = {"old": {"path": old.path, "vocab_size": old.vocab_size},
@@ -176,6 +191,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _extend(args: argparse.Namespace) -> int:
+    from moecpt.data.vocab import extend_tokenizer, read_extension
+
     out = extend_tokenizer(args.tokenizer, [Path(c) for c in args.corpus], args.add, Path(args.out), seed=args.seed)
     print(json.dumps(read_extension(out), indent=2, ensure_ascii=False))
     return 0
