@@ -136,7 +136,7 @@ def test_a_stage_cannot_start_in_the_past_and_a_changed_stage_is_refused(shards)
 def test_training_with_stages_logs_and_reports_shares_per_stage(shards, tmp_path):
     from moecpt.config import load_config
     from moecpt.report.plots import plot_run
-    from moecpt.report.report import stage_table
+    from moecpt.report.report import _training_section, stage_table, training_summary
     from moecpt.train.metrics import read_metrics
     from moecpt.train.trainer import train
 
@@ -163,6 +163,11 @@ def test_training_with_stages_logs_and_reports_shares_per_stage(shards, tmp_path
     assert [(s["start_step"], s["end_step"]) for s in stages] == [(0, 3), (3, 6)]
     table = "\n".join(stage_table(stages))
     assert "| 1 | 4-6 | ja | 0.500 | 0.500 |" in table and "| hq | 0.250 | 0.250 |" in table
+    info = {"run_dir": str(tmp_path / "run"), "steps": 6, "tokens": 6 * 4 * SEQ, "mixture": cfg.data.mixture,
+            "params": 1e6, "active_params": 1e6, "device": "cpu", "world_size": 1, "train_seconds": 1.0,
+            "steps_this_session": 6, "mixture_report": []}
+    section = "\n".join(_training_section("cpt", training_summary(info), {}))  # the `moecpt run` report's
+    assert table in section and "LR schedule: `warmup_cosine`, cosine decay (steps: warmup 1-3, decay 4-6)" in section
     assert any(p.name == "stage_shares.png" for p in plot_run(tmp_path / "run"))
     # a run resumed from step 2 (stage 0) or step 4 (mid-stage 1) trains on the same samples: the same losses
     for step in (2, 4):
