@@ -144,3 +144,28 @@ def test_resize_refuses_a_model_that_does_not_go_with_the_tokenizer(tmp_path, sh
     (tok / "vocab_extension.json").unlink()  # an extended tokenizer from elsewhere: the model's own is needed
     with pytest.raises(UserError, match="has no tokenizer to compare it with"):
         resize_model(tmp_path / "small", tok, tmp_path / "out")
+
+
+def test_deepseek_v3_with_an_mtp_layer_grows_every_vocabulary_tensor(tmp_path, shared_data):
+    from safetensors import safe_open
+
+    from moecpt.model import build_model
+    from moecpt.model.families import preset_config
+
+    base_tok = byte_level_tokenizer(tmp_path / "base_tok", heldout("en") * 3)
+    old_size = load_tokenizer(base_tok).vocab_size
+    config = preset_config("deepseek-v3-tiny", vocab_size=old_size, num_nextn_predict_layers=1)
+    build_model(config, device="cpu", seed=0).save_pretrained(tmp_path / "base")
+    tok = extend_tokenizer(base_tok, [JA_DEV], 30, tmp_path / "tok")
+    report = resize_model(tmp_path / "base", tok, tmp_path / "out")
+    assert (report["new_rows"], report["old_logits_max_abs_diff"]) == (old_size + 30, 0.0)
+    with safe_open(str(tmp_path / "base" / "model.safetensors"), "pt") as old, \
+            safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as new:
+        grown = {k for k in old.keys() if old.get_slice(k).get_shape()[0] == old_size}
+        assert len(grown) == 4  # embedding, LM head and the MTP layer's copies of both
+        for k in old.keys():
+            want = [old_size + 30, *old.get_slice(k).get_shape()[1:]] if k in grown else old.get_slice(k).get_shape()
+            assert new.get_slice(k).get_shape() == want, k
+            if k in grown:
+                assert torch.equal(new.get_tensor(k)[:old_size], old.get_tensor(k))
+    assert moecpt.from_pretrained(tmp_path / "out").config.vocab_size == old_size + 30

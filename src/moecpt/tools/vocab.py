@@ -54,13 +54,13 @@ def resize_model(model_dir: str | Path, new_tokenizer_dir: str | Path, out_dir: 
                         f"{old_size} ids of the tokenizer {new_tok.path} extends: it is not this model's tokenizer")
     pieces = base_tokenizations(new_tok.path, old_size)
     rows = max(config.vocab_size, new_tok.vocab_size)
+    new_config = dataclasses.replace(config, vocab_size=rows)
     state = dict(model.state_dict())
-    state["embed_tokens.weight"] = extend_rows(model.embed_tokens.weight, old_size, pieces, rows)
-    if config.tie_word_embeddings:
+    for name in vocab_rows(config, new_config):  # the embedding and LM head, whatever the family calls them
+        state[name] = extend_rows(state[name], old_size, pieces, rows)
+    if config.tie_word_embeddings:  # the head is the embedding (one parameter, two state-dict names)
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    else:
-        state["lm_head.weight"] = extend_rows(model.lm_head.weight, old_size, pieces, rows)
-    resized = build_model(dataclasses.replace(config, vocab_size=rows))
+    resized = build_model(new_config)
     resized.load_state_dict(state, strict=True, assign=True)
     resized.tie_weights()
     resized.eval()
@@ -96,6 +96,20 @@ def _old_vocab_size(model_dir: Path, tokenizer_dir: Path, new_tok: Tokenizer) ->
         raise UserError(f"{new_tok.path} has {new_tok.vocab_size} ids, no more than the {old.vocab_size} of "
                         f"{old.path}: it adds no pieces to the model's tokenizer")
     return old.vocab_size
+
+
+def vocab_rows(config, new_config) -> list[str]:
+    """The parameters with a row per vocabulary id: those whose first dimension changes with vocab_size (from
+    the family's table of parameter shapes); refused if vocab_size changes another dimension."""
+    from moecpt.model import param_shapes
+
+    old, new = param_shapes(config), param_shapes(new_config)
+    names = [n for n in new if new[n] != old[n]]
+    wrong = [n for n in names if new[n][1:] != old[n][1:]]
+    if wrong or not names:
+        raise UserError(f"vocab resize: cannot resize {type(config).__name__}: vocab_size changes "
+                        f"{', '.join(wrong) or 'no parameter'} other than by rows")
+    return names
 
 
 def extend_rows(weight: torch.Tensor, old_size: int, pieces: list[list[int]], rows: int) -> torch.Tensor:
