@@ -3,8 +3,8 @@ pre-training gains in the new language and costs in the old one.
 
 bits/byte = (sum over documents of the next-token cross-entropy of the predicted tokens, in nats) / ln 2
             / (UTF-8 bytes of the text those tokens stand for).
-With a BOS (Mixtral, DeepSeek-V3) a document is `BOS + tokens`: every token after BOS is predicted once and
-the bytes are all of the document's text. Without one (Qwen, OLMoE) a document is `tokens`: its first token
+With a BOS the tokenizer adds (`Tokenizer.add_bos`: Mixtral, DeepSeek-V3) a document is `BOS + tokens`: every token after BOS is predicted once and
+the bytes are all of the document's text. Without one (Qwen, OLMoE, and gpt-oss, whose BOS is named but never added) a document is `tokens`: its first token
 has no context and is not predicted, so its bytes are not counted either (the bytes are the text's minus those
 of the first token; for byte-level BPE that token may be a single byte of a multi-byte character). A document
 longer than the context is cut into windows of `max_length` tokens that overlap by one token, so each window
@@ -59,7 +59,7 @@ def windows(ids: list[int], max_length: int) -> list[list[int]]:
 def document_windows(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int, int]:
     """The windows of `texts` to score, the number of tokens they predict and the UTF-8 bytes those stand
     for (see the module docstring: without BOS the first token of each document and its bytes are left out)."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # as the publisher's tokenizer (and training) do
     pieces: list[list[int]] = []
     n_tokens = n_bytes = 0
     for text in texts:

@@ -107,7 +107,7 @@ class ModelLM:
 
     def encode_prompt(self, text: str, max_new_tokens: int, bos: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text)
-        bos = [self.tokenizer.bos_id] if bos and self.tokenizer.bos_id is not None else []
+        bos = [self.tokenizer.bos_id] if bos and self.tokenizer.add_bos else []  # a BOS named but not added: none
         room = self.max_length - max_new_tokens - len(bos)
         if room <= 0:
             raise UserError(f"--max-length {self.max_length} leaves no room for a prompt and {max_new_tokens} "

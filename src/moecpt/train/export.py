@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from moecpt.data.tokenizer import HFTokenizer, load_tokenizer
+from moecpt.data.tokenizer import HFTokenizer, load_tokenizer, tokenizer_json_for_export
 from moecpt.model import CausalLM, hf
 from moecpt.model.families import family_of
 from moecpt.parallel.dist import rank
@@ -47,7 +47,11 @@ def export_tokenizer(tokenizer_path: str | Path, out_dir: Path, max_length: int)
                    "model_max_length": max_length, "legacy": True}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         return ["tokenizer.model", "tokenizer_config.json"]
-    shutil.copyfile(src, out_dir / "tokenizer.json")
+    text = tokenizer_json_for_export(tok)  # BOS put first as moecpt trained with it (DeepSeek-V3), or None
+    if text is None:
+        shutil.copyfile(src, out_dir / "tokenizer.json")
+    else:
+        (out_dir / "tokenizer.json").write_text(text, encoding="utf-8")
     written = ["tokenizer.json"]
     for name in TOKENIZER_COMPANIONS:
         if (src.parent / name).is_file():
