@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moecpt
+import moecpt.model.auto
 from moecpt.errors import UserError
-from moecpt.model import fp8
+from moecpt.model import fp8, hf
 from moecpt.model.auto import build_model
 from moecpt.model.families import preset_config
 from moecpt.model.families.deepseek_v3 import DeepseekV3Adapter, DeepseekV3Config
@@ -287,22 +288,29 @@ def test_fp8_dequantisation_equals_transformers(rows, cols, block):
         fp8.dequantize(w, s[:-1], block)
 
 
-def test_an_fp8_checkpoint_loads_dequantised(tmp_path):
-    make_hf_model(tmp_path, q_lora_rank=None)
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    block = (16, 8)
+def quantise_fp8(path, block) -> dict[str, torch.Tensor]:
+    """Store the projections of the checkpoint in `path` in fp8 with random block scales (the hub's names and
+    choice of tensors: the routers, norms, embeddings and heads stay unquantised); returns what each dequantises
+    to."""
+    tensors = load_file(str(path / "model.safetensors"))
     expected = {}
     for name in list(tensors):
         t = tensors[name]
         if t.ndim == 2 and "norm" not in name and not name.endswith(("mlp.gate.weight", "embed_tokens.weight",
-                                                                      "lm_head.weight")):
+                                                                      "lm_head.weight", "shared_head.head.weight")):
             w, s = packed_fp8(*t.shape, block, len(name))
             tensors[name], tensors[name[:-len("weight")] + "weight_scale_inv"] = w, s
             expected[name] = fp8.dequantize(w, s, block)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    save_file(tensors, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (path / "config.json").write_text(json.dumps(cfg))
+    return expected
+
+
+def test_an_fp8_checkpoint_loads_dequantised(tmp_path):
+    make_hf_model(tmp_path, q_lora_rank=None)
+    expected = quantise_fp8(tmp_path, (16, 8))
     model = moecpt.from_pretrained(tmp_path)
     state = model.state_dict()
     assert torch.equal(state["layers.0.self_attn.kv_a_proj_with_mqa.weight"],
@@ -312,10 +320,37 @@ def test_an_fp8_checkpoint_loads_dequantised(tmp_path):
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in written
     assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "out" / "model.safetensors")).values())
+    tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["model.layers.0.mlp.down_proj.weight_scale_inv"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(UserError, match="model.layers.0.mlp.down_proj.weight_scale_inv"):
         moecpt.from_pretrained(tmp_path)
+
+
+def odd_regions(shape):
+    """Parts of a tensor as a sharded load asks for them: the first rank's rows, and a window off every block
+    boundary in each dim."""
+    yield (slice(0, max(1, shape[0] // 2)), *(slice(0, n) for n in shape[1:]))
+    yield tuple(slice(n // 3, max(n // 3 + 1, n - n // 5)) for n in shape)
+
+
+def test_a_sharded_load_reads_only_its_part_of_an_fp8_checkpoint(tmp_path):
+    """init_from on many ranks: each reads its part of each tensor (the experts it holds, the fp8 rows and the
+    scale blocks that cover them), never a whole tensor, and gets exactly that part of the full load."""
+    make_hf_model(tmp_path, q_lora_rank=None)
+    add_mtp_layer(tmp_path)
+    quantise_fp8(tmp_path, (16, 8))
+    config = moecpt.model.auto.load_config(tmp_path)
+    adapter, tensors = DeepseekV3Adapter(config), hf.SafetensorsDir(tmp_path)
+    assert config.num_nextn_predict_layers == 1 and fp8.is_fp8(tensors.get("model.layers.3.mlp.experts.2.up_proj.weight"))
+
+    def whole(name):
+        raise AssertionError(f"{name} read whole")
+
+    for name, shape in adapter.state_shapes().items():
+        full = adapter.hf_tensor(name, tensors.get, "hub")
+        for region in odd_regions(shape):
+            assert torch.equal(adapter.hf_region(name, whole, tensors.get_slice, "hub", region), full[region]), name
 
 
 # ---- config -----------------------------------------------------------------------------------------------------------
@@ -353,6 +388,7 @@ def test_config_reads_the_hub_config_and_writes_transformers_one():
     (dict(topk_method="greedy"), "topk_method"),
     (dict(num_key_value_heads=2), "num_key_value_heads"),
     (dict(n_group=3), "n_group"),
+    (dict(n_group=0), "n_group must be positive"),
     (dict(first_k_dense_replace=5), "first_k_dense_replace"),
     (dict(num_experts_per_tok=12, topk_group=1), "num_experts_per_tok"),
     (dict(quantization_config={"quant_method": "awq"}), "quant_method"),

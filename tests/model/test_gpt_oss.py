@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moecpt
+import moecpt.model.auto
 from moecpt.errors import UserError
 from moecpt.kernels.attention import sink_attention, sink_attention_reference
+from moecpt.model import hf
 from moecpt.model.auto import build_model
 from moecpt.model.families import gpt_oss, preset_config
 from moecpt.model.families.gpt_oss import GptOssAdapter, GptOssConfig
@@ -241,6 +243,29 @@ def test_an_mxfp4_checkpoint_missing_scales_is_refused_naming_them(tmp_path):
         moecpt.from_pretrained(tmp_path / "mxfp4")
 
 
+@pytest.mark.parametrize("layout", ["bf16", "mxfp4"])
+def test_a_sharded_load_reads_only_its_experts(tmp_path, layout):
+    """init_from on many ranks: each reads (and dequantises) only the experts it holds, never a whole tensor,
+    and gets exactly its part of the full load (rows of the interleaved gate/up halves included)."""
+    make_hf_model(tmp_path / "bf16", hidden_size=64, intermediate_size=32)
+    if layout == "mxfp4":
+        quantise_checkpoint(tmp_path / "bf16", tmp_path / "mxfp4")
+    config = moecpt.model.auto.load_config(tmp_path / layout)
+    adapter, tensors = GptOssAdapter(config), hf.SafetensorsDir(tmp_path / layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert adapter.detect_layout(tensors.names()) == layout
+
+    def whole(name):
+        raise AssertionError(f"{name} read whole")
+
+    for name, shape in adapter.state_shapes().items():
+        full = adapter.hf_tensor(name, tensors.get, layout)
+        for region in (tuple(slice(n // 3, max(n // 3 + 1, n - n // 5)) for n in shape),
+                       (slice(0, max(1, shape[0] // 2)), *(slice(0, n) for n in shape[1:]))):
+            assert torch.equal(adapter.hf_region(name, whole, tensors.get_slice, layout, region), full[region]), name
+
+
 # ---- attention with sinks -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["causal", "padding-window", "cache-window", "mha"])
 def test_sink_attention_matches_the_fp32_reference_with_gradients(case):
@@ -312,6 +337,7 @@ def test_a_config_without_rope_or_layer_types_takes_transformers_defaults():
     (dict(swiglu_limit=0.0), "swiglu_limit"),
     (dict(num_experts_per_tok=9), "num_experts_per_tok"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), "llama3"),
+    (dict(quantization_config={"quant_method": "compressed-tensors"}), "quant_method 'compressed-tensors'"),
 ])
 def test_invalid_configs_are_refused_naming_the_field(change, field):
     base = {"model_type": "gpt_oss", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

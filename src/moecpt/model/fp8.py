@@ -44,14 +44,28 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ..
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                dtype: torch.dtype = torch.float32, name: str = "weight") -> torch.Tensor:
     """weight x the scale of its block, computed in fp32 and rounded once to `dtype`."""
-    rows, cols = weight.shape[-2:]
     if tuple(scale_inv.shape) != scale_shape(tuple(weight.shape), block):
         raise UserError(f"{name}_scale_inv has shape {tuple(scale_inv.shape)}; a {tuple(weight.shape)} weight in "
                         f"{block[0]}x{block[1]} blocks needs {scale_shape(tuple(weight.shape), block)}")
-    scale = scale_inv.to(torch.float32)
-    scale = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]
-    return (weight.to(torch.float32) * scale).to(dtype)
+    return dequantize_part(weight, scale_inv, block, (0, 0), dtype)
+
+
+def scale_region(region: tuple[slice, slice], block: tuple[int, int]) -> tuple[slice, slice]:
+    """The blocks of `weight_scale_inv` that cover `region` (rows, columns; explicit bounds, steps of 1) of the
+    weight: what a sharded load reads of the scales for its part of the weight."""
+    return tuple(slice(r.start // b, -(-r.stop // b)) for r, b in zip(region, block, strict=True))
+
+
+def dequantize_part(weight_part: torch.Tensor, scale_part: torch.Tensor, block: tuple[int, int],
+                    start: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The part of a weight whose last two dims begin at row, column `start`, dequantised with the scales of the
+    blocks that cover it (`scale_region`): the same numbers as `dequantize` gives there."""
+    rows, cols = weight_part.shape[-2:]
+    r0, c0 = start[0] % block[0], start[1] % block[1]
+    scale = scale_part.to(torch.float32)
+    scale = scale.repeat_interleave(block[0], dim=-2)[..., r0:r0 + rows, :]
+    scale = scale.repeat_interleave(block[1], dim=-1)[..., c0:c0 + cols]
+    return (weight_part.to(torch.float32) * scale).to(dtype)
 
 
 def is_fp8(t: torch.Tensor) -> bool:

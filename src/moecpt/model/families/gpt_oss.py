@@ -126,8 +126,14 @@ class GptOssConfig(FamilyConfig):
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> GptOssConfig:
-        """Also transformers' defaults where config.json leaves them out: YaRN and theta 150,000."""
+        """Also transformers' defaults where config.json leaves them out: YaRN and theta 150,000. A quantisation
+        other than MXFP4 (the published one) is refused."""
         d = dict(d)
+        method = (d.get("quantization_config") or {}).get("quant_method")
+        if method not in (None, "mxfp4"):
+            raise UserError(f"{source}: quantization_config.quant_method {method!r} is not supported for gpt_oss "
+                            "(moecpt reads OpenAI's MXFP4 expert weights or unquantised ones; dequantise others "
+                            "with their own tools first)")
         d.setdefault("rope_theta", DEFAULT_THETA)
         if not d.get("rope_parameters") and not d.get("rope_scaling"):
             d["rope_parameters"] = DEFAULT_YARN.to_hf() | {"rope_theta": d["rope_theta"]}
@@ -338,6 +344,20 @@ class GptOssAdapter(StateDictAdapter):
         if kind == "down_proj":
             return t.transpose(1, 2).contiguous()  # [E, F, H] -> [E, H, F]
         return t
+
+    def hf_region(self, name: str, get: Callable[[str], torch.Tensor],
+                  get_slice: Callable[[str, tuple[slice, ...]], torch.Tensor], layout: str,
+                  region: tuple[slice, ...]) -> torch.Tensor:
+        """A sharded load's part of a tensor: of the experts, only those in `region` are read (and
+        dequantised), then converted as `hf_tensor` does; every other tensor is a plain rename, read sliced.
+        (Reading whole tensors would have every rank dequantise every expert: 8.5 GB in fp32 per gpt-oss-120b
+        gate_up_proj.)"""
+        if name.endswith(BIAS):
+            return torch.zeros(self.state_shapes()[name], dtype=torch.float32)[region]
+        if ".experts." not in name:
+            return get_slice(self.hf_name(name, layout), region)
+        experts = self.hf_tensor(name, lambda n: get_slice(n, region[:1]), layout)
+        return experts[(slice(None), *region[1:])]
 
     def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The plain ("bf16") layout, tensor by tensor (`to_hf_tensor`)."""
