@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moecpt.pipeline.run import STAGES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--print-config", choices=["base", "cpt"], metavar="STAGE",
                    help="print the `moecpt train` config of a training stage (base or cpt) and exit, e.g. to "
                         "launch that stage under torchrun or Slurm (built-in corpora it names are generated)")
+    p.add_argument("--stop-after", choices=STAGES, metavar="STAGE",
+                   help="stop once this stage is complete, e.g. vocab, to make the extended tokenizer and the "
+                        f"resized model before training on a cluster (stages: {', '.join(STAGES)})")
     p.set_defaults(func=_run, accepts_overrides=True)
 
 
@@ -33,7 +38,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(print_stage_config(loaded, args.print_config), end="")
         return 0
-    summary = run_recipe(loaded)
+    summary = run_recipe(loaded, args.stop_after)
+    if summary is None:
+        return 0
     bpb = summary["heldout_bpb"]
     for lang, v in bpb.items():
         print(f"held-out {lang}: {v['base']:.4f} -> {v['cpt']:.4f} bits/byte")

@@ -11,6 +11,9 @@
     [eval]                   suite, limit, data_dir ("" = ../shared/data/eval when present, "none" = held-out only)
     [upcycle]                optional: a dense model upcycled into the MoE the cpt stage starts from
                              ([cpt] init_from = "upcycle"; see moecpt.pipeline.steps)
+    [vocab]                  optional: the cpt stage's tokenizer extended with pieces learned on Japanese
+                             text, and the model it starts from (after [upcycle] or [base]) given rows for
+                             them; the cpt stage tokenizes and trains with the new tokenizer
     [merge]                  optional, after cpt: average its last checkpoints or named models, or add a task
                              vector; the merged model is the one evaluated and exported
 
@@ -27,11 +30,18 @@ from typing import Any
 
 from moecpt.config import TrainConfig, apply_overrides, config_from_dict, dataclass_from_dict, read_toml
 from moecpt.errors import UserError
-from moecpt.pipeline.steps import MergeSection, UpcycleSection, check_steps
+from moecpt.pipeline.steps import (
+    TOKENIZER,
+    MergeSection,
+    UpcycleSection,
+    VocabSection,
+    check_steps,
+    check_vocab,
+)
 
 DEFAULT_RECIPE = "mini"
 RECIPE_KEYS = {"name", "description", "run_dir", "corpora", "heldout", "train", "base", "cpt", "eval", "upcycle",
-               "merge"}
+               "vocab", "merge"}
 STAGE_KEYS = {"mixture", "init_from"}
 
 
@@ -59,9 +69,12 @@ class Recipe:
     description: str = ""
     upcycle: UpcycleSection | None = None
     merge: MergeSection | None = None
+    vocab: VocabSection | None = None
 
-    def stage_config(self, stage: str, corpora: dict[str, list[str]], init_from: str = "") -> TrainConfig:
-        """The `moecpt train` configuration of a stage: [train], overridden by the stage's own tables."""
+    def stage_config(self, stage: str, corpora: dict[str, list[str]], init_from: str = "",
+                     extended: bool = True) -> TrainConfig:
+        """The `moecpt train` configuration of a stage: [train], overridden by the stage's own tables. With a
+        [vocab] step, the cpt stage's tokenizer is the extended one (`extended=False`: the one it extends)."""
         spec = copy.deepcopy(self.train)
         stage_spec = copy.deepcopy(self.base if stage == "base" else self.cpt)
         mixture = stage_spec.pop("mixture", None)
@@ -78,6 +91,8 @@ class Recipe:
         data["mixture"] = mixture
         data["corpora"] = corpora
         data.setdefault("cache_dir", str(self.run_dir / "cache" / "shards"))
+        if stage == "cpt" and self.vocab is not None and extended:
+            data["tokenizer"] = str(self.run_dir / TOKENIZER)
         return config_from_dict(spec, f"{self.source} [{stage}]")
 
 
@@ -116,13 +131,16 @@ def load_recipe(path: str | Path | None, run_dir: str | None = None, overrides: 
     ev = dataclass_from_dict(EvalSection, data.get("eval", {}), "eval.", str(path))
     upcycle = dataclass_from_dict(UpcycleSection, data["upcycle"], "upcycle.", str(path)) if "upcycle" in data else None
     merge = dataclass_from_dict(MergeSection, data["merge"], "merge.", str(path)) if "merge" in data else None
+    vocab = dataclass_from_dict(VocabSection, data["vocab"], "vocab.", str(path)) if "vocab" in data else None
     recipe = Recipe(
         name=data["name"], run_dir=Path(run_dir or data.get("run_dir") or f"runs/{data['name']}"), corpora=corpora,
         heldout=dict(data.get("heldout", {})), train=data.get("train", {}), base=data.get("base"), cpt=data["cpt"],
         eval=ev, source=str(path), description=data.get("description", ""), upcycle=upcycle, merge=merge,
+        vocab=vocab,
     )
     keep_last = 0
     if merge is not None and merge.average_last:
         keep_last = recipe.stage_config("cpt", {k: ["x"] for k in corpora}).checkpoint.keep_last
     check_steps(str(path), upcycle, merge, cpt_init, keep_last)
+    check_vocab(str(path), vocab, corpora, recipe.heldout)
     return recipe

@@ -5,8 +5,11 @@ rerun after a crash continues where the run stopped (training itself resumes fro
 evaluation from its saved predictions):
 
     corpora   write the built-in corpora (if the recipe uses them) and tokenize every corpus into shards
+              (with [vocab] and no base stage: the vocab stage tokenizes, with the new tokenizer)
     upcycle   upcycle a dense model into the MoE the cpt stage starts from (optional, RUN_DIR/upcycled)
     base      pre-train a base model from scratch (optional)
+    vocab     extend the tokenizer (RUN_DIR/tokenizer) and give the model the cpt stage starts from rows for
+              the new pieces (optional, RUN_DIR/resized); tokens per character on held-out text, old vs new
     cpt       continual pre-training on the recipe's mixture, from the base model, the upcycled one or a
               Hugging Face model
     merge     average the cpt run's last checkpoints or named models, or add a task vector (optional,
@@ -24,13 +27,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moecpt.errors import UserError
 from moecpt.pipeline.recipe import Recipe
 
-STAGES = ("corpora", "upcycle", "base", "cpt", "merge", "eval", "export", "report")
-OPTIONAL = {"base": "base", "upcycle": "upcycle", "merge": "merge"}  # stage -> the Recipe field that enables it
+if TYPE_CHECKING:
+    from moecpt.config import TrainConfig
+
+STAGES = ("corpora", "upcycle", "base", "vocab", "cpt", "merge", "eval", "export", "report")
+OPTIONAL = {"base": "base", "upcycle": "upcycle", "vocab": "vocab", "merge": "merge"}  # stage -> the Recipe field that enables it
 
 
 def say(msg: str) -> None:
@@ -54,26 +60,31 @@ class Pipeline:
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, self.stage_dir / f"{stage}.json")
 
-    def run(self) -> dict[str, Any]:
+    def run(self, stop_after: str | None = None) -> dict[str, Any] | None:
+        """Every stage not yet complete, in order; the summary, or None when stopped after `stop_after`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         copy = self.run_dir / "recipe.toml"
         if not (copy.exists() and copy.samefile(self.recipe.source)):  # rerun from the run directory's own copy
             shutil.copyfile(self.recipe.source, copy)
         say(f"recipe {self.recipe.name!r} ({self.recipe.source}) -> {self.run_dir}")
+        stages = [s for s in STAGES if s not in OPTIONAL or getattr(self.recipe, OPTIONAL[s]) is not None]
+        if stop_after is not None and stop_after not in stages:
+            raise UserError(f"--stop-after {stop_after}: {self.recipe.source} has no {stop_after} stage; its stages "
+                            f"are {', '.join(stages)}")
         self.check_eval_requirements()
-        for stage in STAGES:
-            if stage in OPTIONAL and getattr(self.recipe, OPTIONAL[stage]) is None:
-                continue
-            previous = self.done(stage)
-            if previous is not None and stage != "report":
+        for stage in stages:
+            if self.done(stage) is not None and stage != "report":
                 say(f"stage {stage}: already complete, skipped")
-                continue
-            say(f"stage {stage}: start")
-            t0 = time.perf_counter()
-            info = getattr(self, f"stage_{stage}")() or {}
-            info["seconds"] = time.perf_counter() - t0
-            self.mark(stage, info)
-            say(f"stage {stage}: done in {info['seconds']:.0f}s")
+            else:
+                say(f"stage {stage}: start")
+                t0 = time.perf_counter()
+                info = getattr(self, f"stage_{stage}")() or {}
+                info["seconds"] = time.perf_counter() - t0
+                self.mark(stage, info)
+                say(f"stage {stage}: done in {info['seconds']:.0f}s")
+            if stage == stop_after:
+                say(f"stopped after stage {stage}; run again without --stop-after to go on")
+                return None
         return json.loads((self.run_dir / "summary.json").read_text())
 
     # ---- stages -------------------------------------------------------------------------------------------
@@ -99,24 +110,22 @@ class Pipeline:
         return out
 
     def heldout_files(self) -> dict[str, str]:
-        from moecpt.pipeline.builtin import write_builtin_corpora
-
-        files = {}
-        for lang, src in self.recipe.heldout.items():
-            if src.startswith("builtin:"):
-                src = str(write_builtin_corpora(self.run_dir / "corpus")[src.removeprefix("builtin:")])
-            if not Path(src).is_file():
-                raise UserError(f"{self.recipe.source}: [heldout] {lang} = {src}: file not found")
-            files[lang] = src
-        return files
+        return {lang: self.text_file(src, f"[heldout] {lang}") for lang, src in self.recipe.heldout.items()}
 
     def stage_corpora(self) -> dict[str, Any]:
+        self.resolved_corpora()
+        self.heldout_files()
+        if self.recipe.vocab is not None:  # the cpt stage's tokenizer is made by the vocab stage
+            return self.tokenize_corpora("base") if self.recipe.base is not None else {}
+        return self.tokenize_corpora("cpt")
+
+    def tokenize_corpora(self, stage: str) -> dict[str, Any]:
+        """Every corpus as shards of the tokenizer the training `stage` uses (made once, in its cache)."""
         from moecpt.data.mixture import resolve_mixture
         from moecpt.data.tokenizer import load_tokenizer
 
         corpora = self.resolved_corpora()
-        self.heldout_files()
-        cfg = self.recipe.stage_config("cpt", corpora)
+        cfg = self.recipe.stage_config(stage, corpora)
         tok = load_tokenizer(cfg.data.tokenizer or None)
         entries = resolve_mixture([(n, 1.0, s) for n, s in corpora.items()], cfg.data.cache_dir, tokenizer=tok.path)
         return {"shards": {e.name: list(e.prefixes) for e in entries}, "tokenizer": tok.path}
@@ -151,17 +160,47 @@ class Pipeline:
 
         return run_upcycle(self.recipe.upcycle, self.run_dir)
 
-    def stage_cpt(self) -> dict[str, Any]:
+    def cpt_start(self) -> str:
+        """The model the cpt stage continues (before a [vocab] step resizes it)."""
         init = self.recipe.cpt.get("init_from", "base")
-        if init in ("base", "upcycle"):
-            init = self.done(init)["hf"]
-        return self._train("cpt", init_from=init)
+        return self.done(init)["hf"] if init in ("base", "upcycle") else init
+
+    def stage_vocab(self) -> dict[str, Any]:
+        from moecpt.pipeline.steps import run_vocab, vocab_sources
+
+        v = self.recipe.vocab
+        heldout = self.heldout_files()
+        measure = {lang: getattr(v, f"heldout_{lang}") or heldout[lang] for lang in ("ja", "en")}
+        measure = {lang: self.text_file(f, f"[vocab] heldout_{lang}") for lang, f in measure.items()}
+        base_tokenizer = self.recipe.stage_config("cpt", self.resolved_corpora(), extended=False).data.tokenizer
+        info = run_vocab(v, self.run_dir, self.cpt_start(), base_tokenizer,
+                         vocab_sources(v, self.resolved_corpora()), measure)
+        return {**info, "shards": self.tokenize_corpora("cpt")["shards"]}
+
+    def stage_cpt(self) -> dict[str, Any]:
+        if self.recipe.vocab is None:
+            return self._train("cpt", init_from=self.cpt_start())
+        from moecpt.pipeline.steps import check_shard_tokenizer
+
+        cfg = self.recipe.stage_config("cpt", self.resolved_corpora())
+        check_shard_tokenizer(cfg.data.corpora, cfg.data.tokenizer)
+        return self._train("cpt", init_from=self.done("vocab")["hf"])
 
     def stage_merge(self) -> dict[str, Any]:
         from moecpt.pipeline.steps import run_merge
 
         cpt = self.done("cpt")
         return run_merge(self.recipe.merge, self.run_dir, Path(cpt["run_dir"]), cpt["hf"])
+
+    def text_file(self, src: str, key: str) -> str:
+        """A held-out text file named in the recipe (`builtin:NAME` resolved), which must exist."""
+        from moecpt.pipeline.builtin import write_builtin_corpora
+
+        if src.startswith("builtin:"):
+            src = str(write_builtin_corpora(self.run_dir / "corpus")[src.removeprefix("builtin:")])
+        if not Path(src).is_file():
+            raise UserError(f"{self.recipe.source}: {key} = {src}: file not found")
+        return src
 
     def base_model_dir(self) -> str:
         if self.recipe.base is not None:
@@ -239,30 +278,28 @@ class Pipeline:
         return {"hf": str(dst)}
 
     def stage_report(self) -> dict[str, Any]:
-        from moecpt.pipeline.steps import add_steps_to_report
+        from moecpt.pipeline.steps import STEPS, add_steps_to_report
         from moecpt.report.report import write_report
 
         report = write_report(self.run_dir)
-        add_steps_to_report(self.run_dir, {s: self.done(s) for s in ("upcycle", "merge") if self.done(s)})
+        add_steps_to_report(self.run_dir, {s: self.done(s) for s in STEPS if self.done(s)})
         return {"report": str(report)}
 
 
 def print_stage_config(recipe: Recipe, stage: str) -> str:
-    """The resolved `moecpt train` config of a training stage, as TOML (corpora resolved, init_from set)."""
+    """The resolved `moecpt train` config of a training stage, as TOML (corpora resolved, init_from set), after
+    comment lines on what to do before launching it on a cluster."""
     from moecpt.config import to_toml
+    from moecpt.pipeline.steps import RESIZED, UPCYCLED
 
     if stage == "base" and recipe.base is None:
         raise UserError(f"{recipe.source}: the recipe has no [base] stage")
     pipe = Pipeline(recipe)
-    init = ""
     if stage == "cpt":
-        from moecpt.pipeline.steps import UPCYCLED
-
         init = recipe.cpt.get("init_from", "base")
-        if init == "base":
-            init = str(recipe.run_dir / "base" / "hf")
-        elif init == "upcycle":
-            init = str(recipe.run_dir / UPCYCLED)
+        init = {"base": str(recipe.run_dir / "base" / "hf"), "upcycle": str(recipe.run_dir / UPCYCLED)}.get(init, init)
+        if recipe.vocab is not None:
+            init = str(recipe.run_dir / RESIZED)
     else:
         init = recipe.base.get("init_from", "")
     planned = pipe.resolved_corpora(write=False)
@@ -271,10 +308,37 @@ def print_stage_config(recipe: Recipe, stage: str) -> str:
     corpora = pipe.resolved_corpora()  # the stage trains on them: make the built-in corpora it names
     if missing:
         print(f"wrote the built-in corpora the config names into {recipe.run_dir / 'corpus'}", file=sys.stderr)
-    return to_toml(recipe.stage_config(stage, corpora, init_from=init))
+    cfg = recipe.stage_config(stage, corpora, init_from=init)
+    vocab_pending = stage == "cpt" and recipe.vocab is not None and pipe.done("vocab") is None
+    return "".join(f"# {line}\n" for line in before_cluster_run(recipe, cfg, vocab_pending)) + to_toml(cfg)
 
 
-def run_recipe(recipe: Recipe) -> dict[str, Any]:
+def before_cluster_run(recipe: Recipe, cfg: TrainConfig, vocab_pending: bool) -> list[str]:
+    """Next steps before a stage trains on a cluster: the [vocab] step, if it has not run (its tokenizer and
+    resized model are the stage's), and tokenizing its JSON Lines corpora once beforehand (docs/distributed.md)."""
+    import shlex
+
+    from moecpt.data.indexed import shard_exists
+
+    lines = []
+    if vocab_pending:
+        lines += [f"{cfg.data.tokenizer} and {cfg.init_from} do not exist yet: make them first with",
+                  f"  moecpt run {shlex.quote(recipe.source)} --run-dir {shlex.quote(str(recipe.run_dir))} "
+                  "--stop-after vocab", "(it resizes the model in one process: the machine needs its full weights in memory)"]
+    text = {name: [s for s in sources if not shard_exists(s)] for name, sources in cfg.data.corpora.items()}
+    text = {name: files for name, files in text.items() if files}
+    if text:
+        tok = f" --tokenizer {shlex.quote(cfg.data.tokenizer)}" if cfg.data.tokenizer else ""
+        lines += ["On a cluster, tokenize the corpora once beforehand (docs/distributed.md), so that the ranks read "
+                  "shards and tokenize nothing:"]
+        lines += [f"  moecpt data tokenize {' '.join(map(shlex.quote, files))}{tok} --output "
+                  f"{shlex.quote(str(recipe.run_dir / 'shards' / name))}" for name, files in text.items()]
+        lines += ["then name those shard prefixes in the recipe's [corpora] (or in [data.corpora] below)"
+                  + (", and the text files in its [vocab] corpora." if recipe.vocab is not None else ".")]
+    return lines
+
+
+def run_recipe(recipe: Recipe, stop_after: str | None = None) -> dict[str, Any] | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(
             "moecpt run drives a study from one process; do not start it under torchrun. For multi-GPU "
@@ -282,6 +346,6 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
             "with `torchrun ... -m moecpt.train --config cpt.toml`, then run `moecpt run RECIPE` again: it "
             "finds the finished training run and goes on with evaluation and the report")
     try:
-        return Pipeline(recipe).run()
+        return Pipeline(recipe).run(stop_after)
     finally:
         sys.stdout.flush()
