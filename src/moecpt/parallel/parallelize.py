@@ -132,15 +132,6 @@ def parallelize(model: CausalLM, cfg: ParallelSection, device: torch.device, wor
 
 
 # ---- weights --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor] | None) -> None:
-    """Load full (unsharded) weights that rank 0 holds into a sharded model: rank 0 broadcasts them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, full_sd or {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full weights on rank 0's CPU (empty on other ranks); every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
