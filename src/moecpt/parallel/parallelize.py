@@ -131,14 +131,6 @@ def parallelize(model: CausalLM, cfg: ParallelSection, device: torch.device, wor
     return meshes
 
 
-# ---- weights --------------------------------------------------------------------------------------------
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full weights on rank 0's CPU (empty on other ranks); every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 # ---- training-step helpers ------------------------------------------------------------------------------
 def set_accumulating(model: nn.Module, accumulating: bool) -> None:
     """During gradient accumulation (not the last micro-batch): keep parameters gathered after backward and
