@@ -96,7 +96,10 @@ def test_upcycle_then_train_then_average_the_last_checkpoints(tmp_path, tiny_cor
     assert "## Upcycling (`upcycle`)" in report and "virtual groups of 2" in report
     assert "## Merge (`merge`)" in report and "+0.5 x" in report and "step_00000004" in report
 
-    assert main(["report", str(run)]) == 0  # the report module alone rewrites the report (without the steps)
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0  # `moecpt report` alone writes the same report, steps included
+    assert (run / "report.md").read_text() == report
+    assert json.loads((run / "summary.json").read_text())["steps"] == summary["steps"]
     assert main(["run", str(recipe), "--run-dir", str(run)]) == 0  # a rerun: every step complete, steps reported
     assert "## Merge (`merge`)" in (run / "report.md").read_text()
 

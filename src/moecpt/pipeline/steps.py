@@ -282,17 +282,3 @@ def vocab_lines(v: dict[str, Any]) -> list[str]:
     md += ["", f"The resized model's logits of the old vocabulary on old-token inputs: {verdict} "
                f"(largest absolute difference {diff if diff is not None else 'n/a'})."]
     return md
-
-
-def add_steps_to_report(run_dir: Path, stages: dict[str, dict[str, Any]]) -> None:
-    """Append the steps' sections to RUN_DIR/report.md and their records to summary.json."""
-
-    lines = report_lines(stages)
-    if not lines:
-        return
-    report = run_dir / "report.md"
-    report.write_text(report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text())
-    summary["steps"] = {k: stages[k] for k in STEPS if k in stages}
-    summary_path.write_text(json.dumps(summary, indent=1))

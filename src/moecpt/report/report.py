@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import UserError
+from moecpt.pipeline.steps import STEPS, report_lines
 from moecpt.report.plots import plot_run, pyplot, read_data_stages, read_schedule
 from moecpt.train.metrics import read_metrics
 
@@ -100,6 +101,7 @@ def write_report(run_dir: str | Path) -> Path:
         "eval": {"base": base_res, "cpt": cpt_res},
         "average": {"base": base_res.get("average"), "cpt": cpt_res.get("average")},
         "training": training, "figures": {k: str(v.relative_to(run_dir)) for k, v in made.items() if v},
+        "steps": {k: stages[k] for k in STEPS if k in stages},  # upcycle, vocab, merge: those the recipe ran
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     md = [f"# moecpt report: {recipe_name}", "",
@@ -109,6 +111,7 @@ def write_report(run_dir: str | Path) -> Path:
     md += _heldout_section(heldout, made)
     for stage, info in training.items():
         md += _training_section(stage, info, made)
+    md += report_lines(stages)
     md += ["", "Files: `summary.json` (all figures above as data), `eval/base`, `eval/cpt` (predictions and "
                "results), `hf/` (the continually pre-trained model), `base/`, `cpt/` (training runs).", ""]
     path = run_dir / "report.md"
