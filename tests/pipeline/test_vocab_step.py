@@ -17,7 +17,7 @@ from moecpt.data.preprocess import tokenize_corpus
 from moecpt.data.tokenizer import load_tokenizer
 from moecpt.errors import UserError
 from moecpt.pipeline.recipe import load_recipe
-from moecpt.pipeline.steps import check_shard_tokenizer
+from moecpt.pipeline.steps import MergeSection, TaskVectorSection, check_merge_vocab, check_shard_tokenizer
 from moecpt.train.checkpoint import load_model
 
 from ..corpora import SHARED_DATA
@@ -88,6 +88,10 @@ def test_vocab_step_extends_resizes_trains_with_the_new_tokenizer_and_reports_bo
     assert main(argv) == 0  # a rerun reuses everything; the report keeps the step
     assert (run / "tokenizer" / "tokenizer.model").stat().st_mtime_ns == stamp
     assert "## Vocabulary expansion (`vocab`)" in (run / "report.md").read_text()
+    (run / "stages" / "vocab.json").unlink()  # the step cut short: a retry keeps the tokenizer it made
+    assert main([*argv, "--stop-after", "vocab"]) == 0
+    assert (run / "tokenizer" / "tokenizer.model").stat().st_mtime_ns == stamp
+    assert json.loads((run / "stages" / "vocab.json").read_text())["extension"] == ext
 
 
 @pytest.mark.parametrize(("vocab", "message"), [
@@ -136,3 +140,17 @@ def test_the_vocab_example_recipe_is_valid_and_plans_the_cluster_steps(capsys):
     assert any(line.startswith("#   moecpt data tokenize 'data/jsonl/ja_swallow_corpus/*.jsonl.zst'") and
                "--tokenizer runs/swallow-mx-vocab/tokenizer --output runs/swallow-mx-vocab/shards/ja" in line
                for line in head)
+
+
+def test_a_merge_with_models_of_the_old_vocabulary_is_refused_before_training(tmp_path):
+    for name, rows in (("instruct", 32000), ("base", 32000), ("same", 32400)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"vocab_size": rows}))
+    tv = MergeSection(task_vector=TaskVectorSection(plus=str(tmp_path / "instruct"), minus=str(tmp_path / "base")))
+    with pytest.raises(UserError, match=r"\[merge\] embeddings = \"merge\": .*instruct has 32000 vocabulary rows, "
+                       r"the vocabulary-expanded model 32400; set embeddings = \"shared_rows\""):
+        check_merge_vocab(tv, 32400)
+    tv.embeddings = "shared_rows"
+    check_merge_vocab(tv, 32400)  # the rows both have are merged
+    check_merge_vocab(MergeSection(average=["cpt", str(tmp_path / "same")]), 32400)
+    check_merge_vocab(MergeSection(average_last=2), 32400)

@@ -180,10 +180,11 @@ class Pipeline:
     def stage_cpt(self) -> dict[str, Any]:
         if self.recipe.vocab is None:
             return self._train("cpt", init_from=self.cpt_start())
-        from moecpt.pipeline.steps import check_shard_tokenizer
+        from moecpt.pipeline.steps import check_merge_vocab, check_shard_tokenizer
 
         cfg = self.recipe.stage_config("cpt", self.resolved_corpora())
         check_shard_tokenizer(cfg.data.corpora, cfg.data.tokenizer)
+        check_merge_vocab(self.recipe.merge, self.done("vocab")["resize"]["new_rows"])
         return self._train("cpt", init_from=self.done("vocab")["hf"])
 
     def stage_merge(self) -> dict[str, Any]:

@@ -203,6 +203,22 @@ def check_shard_tokenizer(corpora: dict[str, list[str]], tokenizer: str) -> None
                                 f"--output {prefix}_ext, or name the JSON Lines files in [corpora]")
 
 
+def check_merge_vocab(section: MergeSection | None, rows: int) -> None:
+    """Before the cpt stage trains with an expanded vocabulary of `rows` ids: refuse a [merge] step whose other
+    models (task vector, named average) have another vocabulary size while embeddings = "merge" (it would be
+    refused after training)."""
+    if section is None or section.kind == "average_last" or section.embeddings != "merge":
+        return
+    tv = section.task_vector
+    others = section.average if section.kind == "average" else [tv.base, tv.plus, tv.minus]
+    for model in others:
+        config = Path(model) / "config.json"
+        size = json.loads(config.read_text()).get("vocab_size") if model != "cpt" and config.is_file() else None
+        if size is not None and size != rows:
+            raise UserError(f"[merge] embeddings = \"merge\": {model} has {size} vocabulary rows, the vocabulary-expanded "
+                            f"model {rows}; set embeddings = \"shared_rows\" (merge the rows both have) or \"skip\"")
+
+
 def merge_inputs(section: MergeSection, cpt_run: Path, cpt_hf: str) -> tuple[list[str], str]:
     """The models a [merge] step averages (or the task vector's base), with "cpt" resolved."""
     from moecpt.train.checkpoint import list_checkpoints
