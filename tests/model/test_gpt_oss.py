@@ -294,6 +294,27 @@ def test_sink_attention_matches_the_fp32_reference_with_gradients(case):
     assert ref_grads[3].abs().min() > 0  # every head's sink takes part
 
 
+def test_sink_attention_never_asks_sdpa_for_gqa_with_a_mask(monkeypatch):
+    """Attention with sinks always has a mask (the sink column), and on CUDA SDPA runs GQA only in the flash
+    kernel, which takes no mask, or in the math one, which holds [B, heads, T, T] fp32 scores (4 GB per layer of
+    gpt-oss at 4,096 tokens): the kv heads are repeated instead, so that a memory-efficient kernel can run.
+    (A CPU cannot show the fallback: its flash kernel takes both.)"""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False), kw.get("attn_mask") is not None))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=g)
+    out = sink_attention(q, k, v, sinks, None)
+    torch.testing.assert_close(out, sink_attention_reference(q, k, v, sinks, None), atol=1e-6, rtol=0)
+    assert calls == [(4, 4, False, True)]
+
+
 # ---- config ---------------------------------------------------------------------------------------------
 PUBLISHED_20B = {  # openai/gpt-oss-20b's config.json (keys transformers does not read left in)
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,

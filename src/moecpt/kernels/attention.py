@@ -72,7 +72,9 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     if mask is None:
         mask = causal_mask(t_q, t_k, q.device)
     mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], dim=-1)
-    return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale, enable_gqa=hk != h)
+    if hk != h:  # on CUDA, GQA runs only in the flash kernel (no mask) or the math one (O(T^2) fp32 scores):
+        k_, v_ = k_.repeat_interleave(h // hk, dim=1), v_.repeat_interleave(h // hk, dim=1)  # a masked kernel
+    return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
 
 
 def sink_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
