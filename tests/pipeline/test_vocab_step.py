@@ -59,6 +59,8 @@ def test_vocab_step_extends_resizes_trains_with_the_new_tokenizer_and_reports_bo
     assert "--stop-after vocab" not in printed  # done already
 
     assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tokens per character ja: " in out and "max |difference| 0.0" in out
     summary = json.loads((run / "summary.json").read_text())
     vocab = summary["steps"]["vocab"]
     ext, tpc = vocab["extension"], vocab["tokens_per_character"]

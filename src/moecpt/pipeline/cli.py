@@ -44,5 +44,12 @@ def _run(args: argparse.Namespace) -> int:
     bpb = summary["heldout_bpb"]
     for lang, v in bpb.items():
         print(f"held-out {lang}: {v['base']:.4f} -> {v['cpt']:.4f} bits/byte")
+    vocab = summary.get("steps", {}).get("vocab")
+    if vocab:
+        for lang in ("ja", "en"):
+            r = vocab["tokens_per_character"][lang]
+            print(f"tokens per character {lang}: {r['old_tokens_per_character']:.4f} -> "
+                  f"{r['new_tokens_per_character']:.4f} ({100 * r['change']:+.1f}%)")
+        print(f"old-vocabulary logits after the resize: max |difference| {vocab['resize']['old_logits_max_abs_diff']}")
     print(f"report: {Path(summary['report_dir']) / 'report.md'}")
     return 0
