@@ -23,7 +23,10 @@ VOCAB = 128
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, mscale=0.707, mscale_all_dim=0.707)
 
 SHAPES = {
-    "group-limited-qlora-yarn": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, rope_parameters=YARN),
+    # 3 of the 4 experts of 1 of 2 groups: with a group scored by its best expert, the limit binds only when a
+    # token takes more experts than the groups it may use (with top-2 of 2 groups it never changes a choice)
+    "group-limited-qlora-yarn": dict(topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                                     num_experts_per_tok=3, rope_parameters=YARN),
     "greedy-no-qlora-scaled": dict(q_lora_rank=None, routed_scaling_factor=1.5, first_k_dense_replace=0),
 }
 
@@ -58,6 +61,22 @@ def test_logits_loss_and_routing_match_transformers(tmp_path, monkeypatch, shape
     assert len(theirs_routing) == len(ours_routing) == len(model.config.sparse_layers)
     for a, b in zip(theirs_routing, ours_routing, strict=True):
         assert torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
+def test_the_group_limit_steers_the_routing(tmp_path, monkeypatch):
+    """The routing parity above is not vacuous: without the group limit other experts win."""
+    save_perturbed(transformers.DeepseekV2ForCausalLM, hf_config(**SHAPES["group-limited-qlora-yarn"]), tmp_path)
+    model = load(tmp_path).eval()
+    routing = capture_routing(monkeypatch)
+    gate = model.layers[1].moe.gate
+    ids = random_ids((2, 24), 2, VOCAB)
+    with torch.no_grad():
+        model(ids)
+        gate.n_group = 1
+        model(ids)
+    grouped, ungrouped = routing[0], routing[2]
+    assert not torch.equal(grouped.sort(-1).values, ungrouped.sort(-1).values)
+    assert all(len(set(row)) == 1 for row in (grouped // 4).tolist())  # every token within one group of 4
 
 
 def test_gradients_and_generation_match_transformers(tmp_path):
