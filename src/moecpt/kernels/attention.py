@@ -72,9 +72,20 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     if mask is None:
         mask = causal_mask(t_q, t_k, q.device)
     mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], dim=-1)
-    if hk != h:  # on CUDA, GQA runs only in the flash kernel (no mask) or the math one (O(T^2) fp32 scores):
-        k_, v_ = k_.repeat_interleave(h // hk, dim=1), v_.repeat_interleave(h // hk, dim=1)  # a masked kernel
-    return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
+    return sdpa(q_, k_, v_, mask, scale)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         scale: float | None = None) -> torch.Tensor:
+    """SDPA with grouped-query heads (k and v [B, hk, Tk, D], hk dividing q's heads), causal when `mask` is
+    None. On CUDA, SDPA runs GQA only in the flash kernel (which takes no mask) or the math one (O(T^2) fp32
+    scores): with a mask, the kv heads are repeated instead so that a masked fused kernel takes the call."""
+    h, hk = q.shape[1], k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hk != h)
+    if hk != h:
+        k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def sink_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,

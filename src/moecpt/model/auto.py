@@ -23,6 +23,7 @@ from torch.futures import Future
 
 from moecpt.errors import UserError
 from moecpt.model import hf
+from moecpt.model.adapter import BIAS
 from moecpt.model.base import CausalLM
 from moecpt.model.families import family, family_of
 
@@ -67,7 +68,8 @@ def from_pretrained(hf_dir: str | Path, dtype: torch.dtype | None = torch.float3
     layout = adapter.detect_layout(tensors.names())
     hf.check_tensors(tensors, adapter.hf_shapes(layout), str(hf_dir), optional=adapter.optional_hf_shapes())
     model = build_model(config)
-    state = {name: t.to(device=device, dtype=dtype or t.dtype) for name, t in adapter.from_hf(tensors.get, layout)}
+    state = {name: t.to(device=device, dtype=torch.float32 if name.endswith(BIAS) else dtype or t.dtype)
+             for name, t in adapter.from_hf(tensors.get, layout)}  # a selection bias stays fp32 (see Router)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

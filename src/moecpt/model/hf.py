@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from moecpt.errors import UserError
+from moecpt.model.adapter import BIAS
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -175,13 +176,19 @@ def save_streamed(shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch
     for fname, shard in zip(names, shards, strict=True):
         _write_safetensors(out_dir / fname, {n: shapes[n] for n in shard}, get, dtype)
     if len(shards) > 1:
-        total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+        total = sum(math.prod(s) * tensor_dtype(n, dtype).itemsize for n, s in shapes.items())
         weight_map = {n: fname for fname, shard in zip(names, shards, strict=True) for n in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(dtype_name), indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def tensor_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is written in: the export's, except a router selection bias, always fp32 (as the hub
+    stores it and transformers keeps it)."""
+    return torch.float32 if name.endswith(BIAS) else dtype
 
 
 def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor],
@@ -191,15 +198,16 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], get: Call
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = math.prod(shape) * tensor_dtype(name, dtype).itemsize
+        header[name] = {"dtype": _ST_DTYPES[tensor_dtype(name, dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name, shape in shapes.items():
-            t = get(name).detach().to("cpu", dtype=dtype).contiguous()
+            t = get(name).detach().to("cpu", dtype=tensor_dtype(name, dtype)).contiguous()
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: shape {tuple(t.shape)}, planned {shape}")
             if t.numel():

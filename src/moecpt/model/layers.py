@@ -7,10 +7,9 @@ Shapes in names: B batch, T tokens, H hidden, D head dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moecpt.kernels.attention import sink_attention
+from moecpt.kernels.attention import sdpa, sink_attention
 from moecpt.kernels.rmsnorm import rms_norm
 from moecpt.kernels.rope import apply_rope
 
@@ -107,8 +106,7 @@ class Attention(nn.Module):
         if hasattr(self, "sinks"):
             out = sink_attention(q, k, v, self.sinks, mask)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads)
+            out = sdpa(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

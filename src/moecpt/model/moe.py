@@ -98,6 +98,16 @@ class Router(nn.Module):
         if bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        """Module casts (`model.to(torch.bfloat16)`) move the selection bias but keep it fp32, as transformers
+        keeps it: rounded to bf16, biases a few ulps apart would choose other experts."""
+        bias = self._buffers.get("e_score_correction_bias")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("e_score_correction_bias")
+        if bias is not None and bias.dtype == torch.float32 and moved is not None and moved.dtype != torch.float32:
+            self._buffers["e_score_correction_bias"] = bias.to(moved.device)
+        return self
+
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T, E], scores [T, E], weights [T, K], experts [T, K])."""
         with torch.autocast(x_TH.device.type, enabled=False):
