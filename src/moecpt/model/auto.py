@@ -143,8 +143,9 @@ def load_hf_sharded(model: CausalLM, hf_dir: str | Path) -> None:
 
     reader = HFShardReader(hf_dir, model.config)
     names = reader.adapter.state_shapes()
-    state = {k: v for k, v in get_model_state_dict(model).items() if k in names}  # a tied LM head: its embedding
+    full = get_model_state_dict(model)
+    state = {k: v for k, v in full.items() if k in names}  # a tied LM head is read once, as the embedding
     with warnings.catch_warnings():  # one process without a process group is intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
-    set_model_state_dict(model, state)
+    set_model_state_dict(model, {k: state.get(k, state.get("embed_tokens.weight")) for k in full})

@@ -27,8 +27,9 @@ Formulas (N GPUs, ep expert-parallel size, P parameters, a = bytes of the comput
               + a (2 h (nope + r) + h (nope + v) + h v) + 4 h
               (r, nope, v: qk_rope, qk_nope and v head dims; q and k of nope + r per head are kept by the
               attention kernel, the kv_b output [nope | v] per head holds v, and the output of v per head)
-  sinks       8 H + 4 + N(H) + 8 D + a ((h + kv) (D + 8) + (h + kv) D) + 4 h + a (T + 1)
-              (q and k padded by SINK_PAD = 8 and one key more; the [T, T + 1] mask as the kernel's bias,
+  sinks       8 H + 4 + N(H) + 8 D + a (2 h (D + 8) + 2 h D) + 4 h + a (T + 1)
+              (q and k padded by SINK_PAD = 8 and one key more, the kv heads repeated to the h query heads
+              for the masked kernel; the [T, T + 1] mask as the kernel's bias,
               counted per sequence: exact at micro-batch 1, more than enough above)
   experts with biases and the clamped SwiGLU (gpt-oss): 28 F (fp32) or 14 F + 2 H / K (bf16) in place of
   16 F or 8 F per routed row.
@@ -136,9 +137,9 @@ def attention_activation_bytes(attn, H: int, a: int, seq_len: int) -> float:
             total += (4 + 2 * a) * c.q_lora_rank + 4
         return total + 8 * r + a * (2 * h * c.qk_head_dim + h * (c.qk_nope_head_dim + v) + h * v) + 4 * h
     h, kv, D = attn.n_heads, attn.n_kv, attn.head_dim
-    if hasattr(attn, "sinks"):  # q and k padded by SINK_PAD, one more key, and the mask as a bias
-        return (norms + 8 * D + a * ((h + kv) * (D + SINK_PAD) + (kv + h) * D) + 4 * h
-                + a * (seq_len + 1))
+    if hasattr(attn, "sinks"):  # q and k padded by SINK_PAD, one more key, the mask as a bias, and the kv
+        # heads repeated to the query heads (a masked call: see moecpt.kernels.attention.sdpa)
+        return norms + 8 * D + a * (2 * h * (D + SINK_PAD) + 2 * h * D) + 4 * h + a * (seq_len + 1)
     q, kv_width = h * D, kv * D
     total = (21 * H + 9 * q + 8 * kv_width) if a == 4 else (19.125 * H + 5 * q + 4 * kv_width)
     if attn.qk_norm is not None:
