@@ -11,7 +11,13 @@ python -m ruff check src tests bench
 report=$(mktemp "${TMPDIR:-/tmp}/moecpt-junit.XXXXXX")
 trap 'rm -f "$report"' EXIT
 rc=0
-python -m pytest -q --junitxml="$report" "$@" || rc=$?
+# The whole suite runs on MOECPT_TEST_WORKERS (default 2) pytest-xdist workers: most tests wait on their own
+# subprocesses (torchrun ranks, imports), so two workers overlap them on two cores. Named tests run in-process.
+workers=()
+if [ "$#" = 0 ] && [ "${MOECPT_TEST_WORKERS:-2}" != 1 ]; then
+    workers=(-n "${MOECPT_TEST_WORKERS:-2}")
+fi
+python -m pytest -q "${workers[@]}" --junitxml="$report" "$@" || rc=$?
 if [ "$rc" = 5 ]; then  # pytest's "no tests were collected" (e.g. a -k that matches nothing) is no failure
     echo "moecpt: no tests ran"
     rc=0
