@@ -42,7 +42,7 @@ def hf_config(**kw):
 def load(path):
     """The checkpoint in moecpt, its load-balancing loss weight set to 0 (transformers computes none)."""
     model = moecpt.from_pretrained(path)
-    assert model.loss_fn.aux_coef == 0.001 and model.config.router_balance_scope == "sequence"
+    assert model.loss_fn.aux_coef == 0.001 / 6 and model.config.router_balance_scope == "sequence"
     model.loss_fn.aux_coef = 0.0
     return model
 
@@ -116,3 +116,15 @@ def test_lite_preset():
     model = build_model(preset_config("deepseek-v2-lite-16b"))  # on the meta device
     assert round(model.num_params() / 1e9, 1) == 15.7  # DeepSeek-V2-Lite: 15.7B parameters
     assert not hasattr(model, "mtp") and not hasattr(model.layers[1].moe.gate, "e_score_correction_bias")
+
+
+def test_aux_loss_alpha_of_a_deepseek_config_is_read_in_moecpts_normalisation():
+    """DeepSeek's sequence-wise loss with alpha equals moecpt's (transformers') normalisation with alpha / top-k;
+    a config.json that carries aux_loss_alpha (the hub's do, transformers' own do not) is read that way."""
+    from moecpt.model.families.deepseek_v2 import DeepseekV2Config
+
+    base = DeepseekV2Config.from_preset("deepseek-v2-tiny").to_hf_dict()
+    base.pop("router_aux_loss_coef")
+    assert DeepseekV2Config.from_hf_dict(base | {"aux_loss_alpha": 0.003, "num_experts_per_tok": 3, "topk_group": 4}) \
+        .router_aux_loss_coef == pytest.approx(0.001)
+    assert DeepseekV2Config.from_hf_dict(base).router_aux_loss_coef == pytest.approx(0.001 / 6)

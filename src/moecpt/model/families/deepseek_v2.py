@@ -10,7 +10,8 @@ layout (`moecpt.model.families.deepseek_v3`), with V2's routing and its own conf
 
 transformers computes no balancing loss here either. DeepSeek-V2 was pretrained with auxiliary balance losses
 (arXiv:2405.04434, 2.2.3); V2-Lite's config.json says `aux_loss_alpha` 0.001 with `seq_aux`: moecpt continues
-with a sequence-level load-balancing loss of coefficient 0.001 and no selection bias (set
+with a sequence-level load-balancing loss of coefficient alpha / top-k (0.001 / 6: the same loss in moecpt's
+normalisation, read from `aux_loss_alpha` when config.json has it) and no selection bias (set
 `router_bias_update_rate` > 0 for aux-loss-free balancing; its bias is then not exported).
 """
 
@@ -63,7 +64,9 @@ class DeepseekV2Config(DeepseekV3Config):
     eos_token_id: int | None = 2
     rope_interleave: bool = True  # not a V2 field: V2 always rotates interleaved pairs
     num_nextn_predict_layers: int = 0  # not a V2 field: V2 has no MTP
-    router_aux_loss_coef: float = 0.001
+    # V2-Lite's aux_loss_alpha 0.001 over its top-6: DeepSeek's sequence-wise loss is moecpt's (transformers')
+    # normalisation divided by top-k, so alpha corresponds to alpha / top-k here (docs/models.md).
+    router_aux_loss_coef: float = 0.001 / 6
     router_bias_update_rate: float = 0.0
     router_balance_scope: str = "sequence"
 
@@ -88,6 +91,8 @@ class DeepseekV2Config(DeepseekV3Config):
         d = {k: v for k, v in d.items() if k not in V3_ONLY}
         if d.get("num_experts_per_tok") is None and "num_experts_per_tok" in d:
             raise UserError(f"{source}: num_experts_per_tok is null; set the experts per token")
+        if d.get("aux_loss_alpha") is not None and "router_aux_loss_coef" not in d:  # a DeepSeek config.json
+            d["router_aux_loss_coef"] = d["aux_loss_alpha"] / d.get("num_experts_per_tok", 6)
         return super().from_hf_dict(d, source)
 
     @classmethod
