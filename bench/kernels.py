@@ -27,7 +27,7 @@ from moecpt.kernels.cross_entropy import linear_cross_entropy
 from moecpt.kernels.rmsnorm import rms_norm, rms_norm_reference
 from moecpt.kernels.rope import apply_rope, rope_reference
 from moecpt.kernels.swiglu import swiglu, swiglu_reference
-from moecpt.model.layers import rope_cos_sin
+from moecpt.model.rope import rope_tables
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,7 +117,7 @@ def main() -> int:
         return torch.randn(*shape, device=dev, generator=g).mul_(scale).to(dt)
 
     B, T = max(1, N // 2048), min(N, 2048)
-    cos, sin = rope_cos_sin(torch.arange(T, device=dev).expand(B, T), D, 1e6)
+    cos, sin = rope_tables(torch.arange(T, device=dev).expand(B, T), D, 1e6)
     targets = torch.randint(0, V, (N,), device=dev, generator=g)
     rows = []
     rows.append(compare("rmsnorm", lambda dt: [randn(N, H, dt=torch.float32), 1 + randn(H, dt=torch.float32, scale=0.1)],

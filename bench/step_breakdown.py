@@ -30,7 +30,7 @@ import torch
 
 from moecpt.kernels.attention import sdpa_backend
 from moecpt.kernels.cross_entropy import linear_cross_entropy
-from moecpt.model.layers import rope_cos_sin
+from moecpt.model.rope import rope_tables
 from moecpt.parallel import parallelize as par
 from moecpt.train.trainer import Trainer
 from train_step import build_parser, moecpt_config, sig, sync, time_steps
@@ -45,7 +45,7 @@ def piece_timers(trainer: Trainer, batch: int, seq: int) -> dict[str, Any]:
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(batch, seq, H, device=dev, generator=g).requires_grad_()
     dy = torch.randn(batch, seq, H, device=dev, generator=g)
-    cos, sin = rope_cos_sin(torch.arange(seq, device=dev).expand(batch, seq), c.attn_head_dim, c.rope_theta)
+    cos, sin = rope_tables(torch.arange(seq, device=dev).expand(batch, seq), c.attn_head_dim, c.rope_theta)
     targets = torch.randint(0, c.vocab_size, (batch * seq,), device=dev, generator=g)
     amp = dict(device_type=dev.type, dtype=trainer.rt.amp_dtype or torch.float32, enabled=trainer.rt.amp_dtype is not None)
 

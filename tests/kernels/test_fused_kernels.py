@@ -18,7 +18,7 @@ from moecpt.config import IGNORE_INDEX
 from moecpt.kernels.support import interpreting, triton_usable, why_not_triton
 from moecpt.model import MixtralForCausalLM
 from moecpt.model.config import MixtralConfig
-from moecpt.model.layers import rope_cos_sin
+from moecpt.model.rope import rope_tables
 
 pytest.importorskip("triton", reason="the fused kernels need Triton (pip install triton)")
 
@@ -151,7 +151,7 @@ def test_rope_matches_reference(launches, heads, head_dim, dtype):
     B, T = 2, 5
     g = torch.Generator().manual_seed(2)
     positions = torch.arange(T).expand(B, T) + torch.tensor([[7], [1000]])  # non-zero, different per row
-    cos, sin = rope_cos_sin(positions, head_dim, 1e4)
+    cos, sin = rope_tables(positions, head_dim, 1e4)
     x = torch.randn(B, T, heads, head_dim, generator=g).to(dtype)
     upstream = torch.randn(B, T, heads, head_dim, generator=g).to(dtype)
     want, want_grads = _fwd_bwd(rope_mod.rope_reference, [x], upstream, cos=cos, sin=sin)
@@ -171,7 +171,7 @@ def test_rope_on_a_non_contiguous_input(launches):
     input is made contiguous first and still rotated correctly."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 4, 8, generator=g).transpose(1, 2)  # [B, T=4, heads=3, D=8], not contiguous
-    cos, sin = rope_cos_sin(torch.arange(5, 9).expand(2, 4), 8, 1e6)
+    cos, sin = rope_tables(torch.arange(5, 9).expand(2, 4), 8, 1e6)
     torch.testing.assert_close(rope_mod.apply_rope(x, cos, sin, fused=True), rope_mod.rope_reference(x, cos, sin),
                                rtol=1e-5, atol=1e-6)
     assert launches["rope"]
@@ -351,7 +351,7 @@ def test_compiled_decoder_layer_has_no_graph_break(request, launches, fused, aut
     g = torch.Generator().manual_seed(8)
     B, T = 2, 16
     x = torch.randn(B, T, cfg.hidden_size, generator=g)
-    cos, sin = rope_cos_sin(torch.arange(3, 3 + T).expand(B, T), cfg.attn_head_dim, cfg.rope_theta)
+    cos, sin = rope_tables(torch.arange(3, 3 + T).expand(B, T), cfg.attn_head_dim, cfg.rope_theta)
     upstream = torch.randn(B, T, cfg.hidden_size, generator=g)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
     params = list(layer.parameters())

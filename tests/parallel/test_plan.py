@@ -16,7 +16,8 @@ from moecpt.cli import main
 from moecpt.model import MixtralForCausalLM, build_model
 from moecpt.model.config import MixtralConfig
 from moecpt.model.families import preset_config
-from moecpt.model.layers import rope_cos_sin, sdpa_mask
+from moecpt.model.layers import sdpa_mask
+from moecpt.model.rope import rope_tables
 from moecpt.parallel.plan import (
     Layout,
     activation_bytes_per_token_layer,
@@ -39,7 +40,7 @@ def saved_bytes_per_token(c, dtype: torch.dtype, layer_index: int = 0, batch: in
     if hasattr(layer.self_attn, "kv_b_proj") or hasattr(layer.self_attn, "sinks"):  # the family's own RoPE
         cos, sin = model.rope(positions)
     else:
-        cos, sin = rope_cos_sin(positions, c.attn_head_dim, c.rope_theta)
+        cos, sin = rope_tables(positions, c.attn_head_dim, c.rope_theta)
     mask = sdpa_mask(positions, None, positions, False, 0, layer.self_attn.window)
     storages: dict[int, int] = {}
 

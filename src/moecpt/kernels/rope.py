@@ -1,7 +1,7 @@
 """Rotary position embedding of queries or keys as one Triton kernel each way.
 
 Layout [B, T, heads, D], the projections' own output before the transpose SDPA wants, with the fp32 tables
-`rope_cos_sin` gives ([B, T, 1, D], the two halves equal). The reference upcasts, splits, concatenates,
+`moecpt.model.rope.rope_tables` gives ([B, T, 1, D], the two halves equal). The reference upcasts, splits, concatenates,
 multiplies and adds (six kernels and an fp32 copy of q or k); the fused one reads each row once, rotates in
 fp32 and writes it once. Backward is the rotation by the opposite angle.
 """
@@ -83,7 +83,7 @@ _rope.register_autograd(_backward, setup_context=_setup)
 
 
 def apply_rope(x_BTND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """Rotate queries or keys [B, T, heads, D] by the fp32 tables [B, T, 1, D] of `rope_cos_sin`; the Triton
+    """Rotate queries or keys [B, T, heads, D] by the fp32 tables [B, T, 1, D] of `moecpt.model.rope.rope_tables`; the Triton
     kernel with `fused` (chosen once where the model is built), else the reference."""
     if fused and x_BTND.dim() == 4:
         return _rope(x_BTND, cos, sin, 1.0)

@@ -17,9 +17,10 @@ from torch.distributed.tensor import DTensor
 from moecpt.config import IGNORE_INDEX
 from moecpt.kernels.support import triton_usable
 from moecpt.model import hf
-from moecpt.model.layers import Attention, KVCache, RMSNorm, rope_cos_sin, sdpa_mask
+from moecpt.model.layers import Attention, KVCache, RMSNorm, sdpa_mask
 from moecpt.model.loss import LMLoss, LossOutput, expert_counts, shift_labels
 from moecpt.model.moe import Experts, RouterStats, SparseMoeBlock
+from moecpt.model.rope import rope_tables
 
 
 @dataclass
@@ -68,7 +69,7 @@ class CausalLM(nn.Module):
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The RoPE tables of the positions (families with another RoPE override this)."""
-        return rope_cos_sin(position_ids, self.config.attn_head_dim, self.config.rope_theta)
+        return rope_tables(position_ids, self.config.attn_head_dim, self.config.rope_theta)
 
     def setup(self, config, layers: list[nn.Module]) -> None:
         """The parts every family has around its layers: embeddings, final norm, LM head (tied or not), the

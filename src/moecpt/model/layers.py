@@ -1,4 +1,4 @@
-"""Blocks shared by the decoder families: RMSNorm, RoPE tables, a KV cache, grouped-query attention and the
+"""Blocks shared by the decoder families: RMSNorm, a KV cache, grouped-query attention and the
 attention mask of padded, packed or windowed batches.
 
 Shapes in names: B batch, T tokens, H hidden, D head dim.
@@ -25,14 +25,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, fused=self.fused)
-
-
-def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables for the given positions, in fp32 (never in bf16: long positions lose their precision)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_BT.device, dtype=torch.float32) / head_dim))
-    freqs_BTD = positions_BT.float()[..., None] * inv_freq
-    emb = torch.cat((freqs_BTD, freqs_BTD), dim=-1)
-    return emb.cos()[:, :, None], emb.sin()[:, :, None]  # [B, T, 1, D]: broadcast over heads
 
 
 class KVCache:

@@ -71,10 +71,11 @@ def yarn_factor(yarn: Yarn, max_position_embeddings: int | None) -> float:
     return max_position_embeddings / yarn.original_max_position_embeddings
 
 
-def inv_freq(head_dim: int, theta: float, yarn: Yarn | None = None,
-             max_position_embeddings: int | None = None) -> tuple[torch.Tensor, float]:
-    """The inverse frequencies [head_dim / 2] (fp32, on the CPU) and the factor cos/sin are multiplied by."""
-    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def inv_freq(head_dim: int, theta: float, yarn: Yarn | None = None, max_position_embeddings: int | None = None,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies [head_dim / 2] (fp32, computed on `device`: no host-to-device copy in a
+    forward) and the factor cos/sin are multiplied by."""
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     if yarn is None:
         return 1.0 / pos_freqs, 1.0
     factor = yarn_factor(yarn, max_position_embeddings)
@@ -85,7 +86,7 @@ def inv_freq(head_dim: int, theta: float, yarn: Yarn | None = None,
     low, high = _correction_range(yarn, head_dim, theta)
     if low == high:
         high += 0.001  # no zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp  # 1 where a dimension keeps its frequency, 0 where it is interpolated
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv, float(attention)
@@ -105,10 +106,11 @@ def _correction_range(yarn: Yarn, dim: int, theta: float) -> tuple[float, float]
 
 def rope_tables(positions_BT: torch.Tensor, head_dim: int, theta: float, yarn: Yarn | None = None,
                 max_position_embeddings: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, T, 1, head_dim] (fp32) of the positions: the two halves of the head share each frequency
-    (the layout `moecpt.kernels.rope.apply_rope` rotates), times the YaRN attention factor."""
-    inv, attention = inv_freq(head_dim, theta, yarn, max_position_embeddings)
-    freqs_BTD = positions_BT.float()[..., None] * inv.to(positions_BT.device)
+    """cos and sin [B, T, 1, head_dim] (fp32, never bf16: long positions would lose their precision) of the
+    positions: the two halves of the head share each frequency (the layout `moecpt.kernels.rope.apply_rope`
+    rotates), times the YaRN attention factor. Without `yarn`: the default RoPE."""
+    inv, attention = inv_freq(head_dim, theta, yarn, max_position_embeddings, positions_BT.device)
+    freqs_BTD = positions_BT.float()[..., None] * inv
     emb = torch.cat((freqs_BTD, freqs_BTD), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     if attention != 1.0:
