@@ -141,11 +141,13 @@ class Pipeline:
         result = trainer.train()
         if result["reason"] != "finished":
             raise UserError(f"stage {stage} stopped early ({result['reason']}); rerun `moecpt run` to continue")
-        t = cfg.training
+        t, stages = cfg.training, trainer.mixture_report()
         return {
             "run_dir": cfg.run_dir, "hf": result["export"], "steps": result["step"],
             "tokens": t.steps * t.global_batch * cfg.data.seq_len, "mixture": cfg.data.mixture,
-            "mixture_report": trainer.dataset.report(t.steps * t.global_batch),
+            # Per corpus over the run; with data stages, per stage and corpus (each row names its stage).
+            "mixture_report": [row | ({"stage": s["stage"]} if len(stages) > 1 else {})
+                               for s in stages for row in s["rows"]],
             "device": str(trainer.rt.device), "world_size": trainer.rt.world,
             "train_seconds": time.perf_counter() - t0, "steps_this_session": result["step"] - first_step,
             "params": trainer.model.num_params(), "active_params": trainer.model.num_params(active=True),
