@@ -112,17 +112,25 @@ def test_kill_9_and_resume_reproduce_the_uninterrupted_run(family, tmp_path, tin
     """Killed with SIGKILL after its step-4 checkpoint and run again, a run of each family gives the
     uninterrupted run's losses and weights (shared expert, dense layer, QK-norm state included)."""
     cfg = write_config(tmp_path, shard_cache, tiny_corpora, family_base(family, tmp_path / "base"))
+    kill_9_and_resume(cfg, tmp_path, steps=12, kill_after=(5, 9))
+
+
+def kill_9_and_resume(cfg: Path, tmp_path: Path, steps: int, kill_after: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Run `cfg` whole, and again killed with SIGKILL after a random step in `kill_after` (past the step-4
+    checkpoint) then rerun: the same loss at every step (each step once) and bit-identical final weights,
+    which are returned."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    proc = _run_cli(cfg, f"--run_dir={whole}", "--training.steps=12")
+    proc = _run_cli(cfg, f"--run_dir={whole}", f"--training.steps={steps}")
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
-    proc = _run_cli(cfg, f"--run_dir={cut}", "--training.steps=12")
-    _wait_for_step(cut, proc, random.Random(os.getpid()).randint(5, 9))  # after the step-4 checkpoint
+    proc = _run_cli(cfg, f"--run_dir={cut}", f"--training.steps={steps}")
+    _wait_for_step(cut, proc, random.Random(os.getpid()).randint(*kill_after))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert losses(cut)[-1][0] < 12, "the run ended before it could be killed"
-    proc = _run_cli(cfg, f"--run_dir={cut}", "--training.steps=12")
+    assert losses(cut)[-1][0] < steps, "the run ended before it could be killed"
+    proc = _run_cli(cfg, f"--run_dir={cut}", f"--training.steps={steps}")
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0 and "resumed from" in out, out
-    assert losses(cut) == losses(whole)  # the same trace, each step once
+    assert losses(cut) == losses(whole)
     a, b = final_weights(whole), final_weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a

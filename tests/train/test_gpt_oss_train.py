@@ -6,17 +6,13 @@ unexpected key."""
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .test_families_train_2 import train_and_export, write_config
-from .test_trainer import _run_cli, _wait_for_step, final_weights, losses
+from .test_families_train_2 import kill_9_and_resume, train_and_export, write_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,18 +48,5 @@ def test_gpt_oss_init_from_trains_and_exports_what_transformers_loads(tmp_path, 
 @pytest.mark.slow  # three training processes
 def test_kill_9_and_resume_reproduce_the_uninterrupted_run(tmp_path, tiny_corpora, shard_cache):
     cfg = write_config(tmp_path, shard_cache, tiny_corpora, gpt_oss_base(tmp_path / "base"), **NO_OVERRIDES)
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    proc = _run_cli(cfg, f"--run_dir={whole}", "--training.steps=10")
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()
-    proc = _run_cli(cfg, f"--run_dir={cut}", "--training.steps=10")
-    _wait_for_step(cut, proc, random.Random(os.getpid()).randint(5, 7))  # after the step-4 checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert losses(cut)[-1][0] < 10, "the run ended before it could be killed"
-    proc = _run_cli(cfg, f"--run_dir={cut}", "--training.steps=10")
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and "resumed from" in out, out
-    assert losses(cut) == losses(whole)  # the same losses at every step
-    a, b = final_weights(whole), final_weights(cut)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
+    a = kill_9_and_resume(cfg, tmp_path, steps=10, kill_after=(5, 7))
     assert any(k.endswith("self_attn.sinks") for k in a) and any(k.endswith("gate_up_proj_bias") for k in a)

@@ -184,6 +184,15 @@ class DenseLayers:
         return problems
 
 
+class LayerTypes:
+    """For families whose `attention_types` name each layer's attention, "full_attention" or
+    "sliding_attention" (within `sliding_window` positions)."""
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of a layer (None: full causal attention)."""
+        return self.sliding_window if self.attention_types[layer] == "sliding_attention" else None
+
+
 MOECPT_FIELDS = ("router_z_loss_coef", "router_balance_scope", "router_bias_update_rate")
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from moecpt.errors import UserError
 from moecpt.model.adapter import BIAS, StateDictAdapter
 from moecpt.model.base import CausalLM
-from moecpt.model.config import FamilyConfig
+from moecpt.model.config import FamilyConfig, LayerTypes
 from moecpt.model.layers import Attention, DecoderLayer
 from moecpt.model.moe import Experts, Router, SparseMoeBlock, grouped_mm
 from moecpt.model.mxfp4 import BLOCK, dequantize_mxfp4
@@ -48,7 +48,7 @@ DEFAULT_THETA = 150000.0
 
 
 @dataclass(frozen=True)
-class GptOssConfig(FamilyConfig):
+class GptOssConfig(LayerTypes, FamilyConfig):
     """The fields of transformers' GptOssConfig, with its defaults (its `num_local_experts` spelling)."""
 
     model_type: ClassVar[str] = "gpt_oss"
@@ -111,10 +111,6 @@ class GptOssConfig(FamilyConfig):
         if self.layer_types is not None:
             return self.layer_types
         return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers))
-
-    def window(self, layer: int) -> int | None:
-        """The attention window of a layer (None: full causal attention)."""
-        return self.sliding_window if self.attention_types[layer] == "sliding_attention" else None
 
     @property
     def n_experts(self) -> int:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from moecpt.model.adapter import StateDictAdapter
 from moecpt.model.base import CausalLM
-from moecpt.model.config import DenseLayers, FamilyConfig
+from moecpt.model.config import DenseLayers, FamilyConfig, LayerTypes
 from moecpt.model.layers import Attention, DecoderLayer
 from moecpt.model.moe import DenseMLP, SparseMoeBlock
 
@@ -33,7 +33,7 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
-class Qwen2MoeConfig(DenseLayers, FamilyConfig):
+class Qwen2MoeConfig(DenseLayers, LayerTypes, FamilyConfig):
     """The fields of transformers' Qwen2MoeConfig, with its defaults."""
 
     model_type: ClassVar[str] = "qwen2_moe"
@@ -104,10 +104,6 @@ class Qwen2MoeConfig(DenseLayers, FamilyConfig):
             return self.layer_types
         return tuple("sliding_attention" if self.use_sliding_window and i % 2 == 0 and i < self.max_window_layers
                      else "full_attention" for i in range(self.num_hidden_layers))
-
-    def window(self, layer: int) -> int | None:
-        """The attention window of a layer (None: full causal attention)."""
-        return self.sliding_window if self.attention_types[layer] == "sliding_attention" else None
 
     @property
     def n_experts(self) -> int:
