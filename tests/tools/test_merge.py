@@ -133,3 +133,46 @@ def test_cli_chat_vector_copies_the_base_tokenizer(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert main(["merge", "--out", str(tmp_path / "y"), "--task-vector", str(base), "--plus", str(a)]) == 2
     assert "needs --task-vector BASE, --plus A and --minus B" in capsys.readouterr().err
+
+
+def test_the_merge_streams_one_tensor_per_input(tmp_path, monkeypatch):
+    """A chat vector from a Hugging Face base, a run directory and a Hugging Face minus: every tensor of each
+    input is read once, and a tensor of an input is released before its next one is read (never a whole
+    model, and no model loaded)."""
+    import weakref
+
+    from moecpt.tools import merge as merge_mod
+    from moecpt.train import checkpoint as ckpt_mod
+
+    config = tiny_config("mixtral")
+    base, minus = save_random(tmp_path / "base", config, 1), save_random(tmp_path / "minus", config, 3)
+    plus = moecpt.from_pretrained(save_random(tmp_path / "plus_hf", config, 2))
+    state = {"model_type": config.model_type, "model_config": dataclasses.asdict(config)}
+    save_checkpoint(tmp_path / "run" / "checkpoints", 5, plus, torch.optim.SGD(plus.parameters(), lr=0.1), state)
+    want = {n: t.detach().clone() for n, t in model_tensors(plus).items()}
+    del plus
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("merge loaded a whole model")
+
+    monkeypatch.setattr(ckpt_mod, "load_model", refuse)
+    monkeypatch.setattr(ckpt_mod, "load_model_weights", refuse)
+    reads: dict[str, list[str]] = {}
+    refs: dict[str, list] = {}
+    read_tensors = merge_mod.ModelReader.tensors
+
+    def tracked(self, names):
+        for name, t in read_tensors(self, names):
+            alive = [n for n, r in refs.get(self.path, []) if r() is not None]
+            assert not alive, f"{self.path}: {alive} still held when {name} is read"
+            refs.setdefault(self.path, []).append((name, weakref.ref(t.untyped_storage())))  # views too
+            reads.setdefault(self.path, []).append(name)
+            yield name, t
+            del t
+
+    monkeypatch.setattr(merge_mod.ModelReader, "tensors", tracked)
+    out = tensors(merge(tmp_path / "tv", task_vector=TaskVector(base, tmp_path / "run", minus, 0.5)))
+    B, M = tensors(base), tensors(minus)
+    assert {p: len(n) for p, n in reads.items()} == {str(p): len(B) for p in (base, tmp_path / "run", minus)}
+    for name in B:
+        assert torch.equal(out[name], ((want[name].double() - M[name].double()) * 0.5 + B[name].double()).float())

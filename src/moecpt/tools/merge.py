@@ -3,10 +3,11 @@ vector", arXiv 2310.04799: BASE + s * (A - B), e.g. a continually pre-trained mo
 
 Inputs are anything `moecpt.train.checkpoint.load_model` reads (Hugging Face directories, moecpt checkpoints,
 run directories). The arithmetic is generic over the state dict (every parameter and persistent buffer, tied
-ones once), so it holds for every family the model layer has. It runs in float64, one input model in memory
-besides the first (or base) one and the float64 sums, and is rounded once to float32: the result is the
-correctly rounded value of the formula, in a fixed order (average: w_1 X_1 + w_2 X_2 + ...; task vector:
-(A - B) * s + BASE).
+ones once), so it holds for every family the model layer has. It streams: every input is checked first
+(family, tensor names and shapes, from the config and file headers alone), then each tensor is read from each
+input (one tensor per input in memory, never a whole model), merged in float64 and rounded once to float32,
+converted to the Hugging Face names and written before the next is read. The result is the correctly rounded
+value of the formula, in a fixed order (average: w_1 X_1 + w_2 X_2 + ...; task vector: (A - B) * s + BASE).
 
 The embedding and the LM head (the vocabulary-sized tensors) follow `embeddings`:
 - "merge": like every other tensor (shapes must match);
@@ -22,19 +23,24 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moecpt.errors import UserError
+from moecpt.model import hf
+from moecpt.model.auto import load_config
 from moecpt.model.base import CausalLM
+from moecpt.model.families import family_of
 from moecpt.tools.common import copy_tokenizer_files
-from moecpt.train.checkpoint import load_model
+from moecpt.train.checkpoint import checkpoint_tensors, is_hf_dir, model_source, saved_model_config
+from moecpt.train.export import hf_plan, streamed_writer
 
 EMBEDDING_RULES = ("merge", "shared_rows", "skip")
 METADATA = "merge.json"
+VOCAB_NAMES = ("embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)
@@ -55,94 +61,126 @@ def model_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def vocab_tensors(model: CausalLM) -> set[str]:
-    """The names of the embedding and the LM head (one name when they are tied)."""
-    vocab = (model.embed_tokens.weight, model.lm_head.weight)
-    return {n for n, p in model.named_parameters() if any(p is v for v in vocab)}
+class ModelReader:
+    """One merge input, read tensor by tensor in moecpt names (the names and order of `model_tensors`): its
+    config and tensor shapes known without reading weights, each tensor read (as float32, as `load_model`
+    gives it) only when the iterator of `tensors` comes to it."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.source = model_source(path)
+        if is_hf_dir(self.source):
+            self.config = load_config(self.source)
+            self.adapter = family_of(self.config).adapter_cls(self.config)
+            self.files = hf.SafetensorsDir(self.source)
+            self.layout = self.adapter.detect_layout(self.files.names())
+            hf.check_tensors(self.files, self.adapter.hf_shapes(self.layout), str(self.source),
+                             optional=self.adapter.optional_hf_shapes())
+        else:
+            self.config = saved_model_config(self.source)
+            self.adapter = family_of(self.config).adapter_cls(self.config)
+            self.files = None
+        self.shapes = self.adapter.state_shapes()
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, float32 tensor) for `names`, in that order, one at a time (the next is read only once the
+        caller asks for it)."""
+        if self.files is None:
+            stored = checkpoint_tensors(self.source, names)
+        else:
+            stored = ((n, self.adapter.hf_tensor(n, self.files.get, self.layout)) for n in names)
+        for name, t in stored:
+            if self.files is not None:
+                self.files.close()  # drop the memory maps: the pages read go with them
+            if tuple(t.shape) != self.shapes[name]:
+                raise UserError(f"merge: {self.source}: {name} is stored with shape {tuple(t.shape)}, its config "
+                                f"says {self.shapes[name]}; the checkpoint was written by another model")
+            yield name, t.detach().to(torch.float32)
+            del t
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:12]) + (f", ... and {len(items) - 12} more" if len(items) > 12 else "")
 
 
 class Merger:
-    """The float64 sums of a merge, built one input model at a time against the first (or base) model."""
+    """The inputs of a merge, checked against the first (or base) one, and each merged tensor in turn."""
 
-    def __init__(self, first: CausalLM, first_path: str, embeddings: str):
-        self.first, self.first_path, self.embeddings = first, first_path, embeddings
-        self.names = model_tensors(first)
-        self.vocab = vocab_tensors(first)
-        self.acc: dict[str, torch.Tensor] = {}
+    def __init__(self, first: ModelReader, embeddings: str):
+        self.first, self.first_path, self.embeddings = first, first.path, embeddings
+        self.names = first.shapes
+        self.vocab = {n for n in VOCAB_NAMES if n in self.names}  # one name when they are tied
+        self.rows: dict[str, int] = {}  # the rows merged per vocabulary-sized tensor
 
-    def check(self, model: CausalLM, path: str) -> dict[str, torch.Tensor]:
-        """The tensors of `model`, refused unless they match the first model's names and shapes."""
-        if model.config.model_type != self.first.config.model_type:
+    def check(self, model: ModelReader, path: str) -> None:
+        """Refuse `model` (named `path`) unless its family, tensor names and shapes match the first model's."""
+        first = self.first
+        if model.config.model_type != first.config.model_type:
             raise UserError(f"merge: {path} is a {model.config.model_type} model and {self.first_path} a "
-                            f"{self.first.config.model_type} one; only models of one family merge")
-        tensors = model_tensors(model)
-        missing, extra = sorted(set(self.names) - set(tensors)), sorted(set(tensors) - set(self.names))
+                            f"{first.config.model_type} one; only models of one family merge")
+        shapes = model.shapes
+        missing, extra = sorted(set(self.names) - set(shapes)), sorted(set(shapes) - set(self.names))
         if missing or extra:
             lines = [f"merge: {path} and {self.first_path} do not hold the same tensors"]
             for title, items, where in (("only in", missing, self.first_path), ("only in", extra, path)):
                 if items:
-                    lines.append(f"  {title} {where} ({len(items)}): " + ", ".join(items[:12])
-                                 + (f", ... and {len(items) - 12} more" if len(items) > 12 else ""))
+                    lines.append(f"  {title} {where} ({len(items)}): " + _listed(items))
             raise UserError("\n".join(lines))
-        misshaped = [f"{name} {tuple(t.shape)} (first {tuple(self.names[name].shape)})"
-                     for name, t in tensors.items() if not self._shape_ok(name, t.shape)]
+        misshaped = [f"{name} {shape} (first {self.names[name]})"
+                     for name, shape in shapes.items() if not self._shape_ok(name, shape)]
         if misshaped:
             vocab = any(n.split(" ")[0] in self.vocab for n in misshaped)
             hint = ("; for the vocabulary-sized tensors, --embeddings shared_rows merges the rows every input has "
                     "and skip takes the first model's") if vocab else ""
             raise UserError(f"merge: tensors of {path} differ in shape from {self.first_path}'s "
-                            f"({len(misshaped)}): " + ", ".join(misshaped[:12])
-                            + (f", ... and {len(misshaped) - 12} more" if len(misshaped) > 12 else "") + hint)
-        _warn_config_differences(model, path, self.first, self.first_path)
-        return tensors
+                            f"({len(misshaped)}): " + _listed(misshaped) + hint)
+        _warn_config_differences(model.config, path, first.config, self.first_path)
 
-    def _shape_ok(self, name: str, shape: torch.Size) -> bool:
-        mine = self.names[name].shape
+    def _shape_ok(self, name: str, shape: tuple[int, ...]) -> bool:
+        mine = self.names[name]
         if name in self.vocab and self.embeddings == "skip":
             return True
         if name in self.vocab and self.embeddings == "shared_rows":
             return shape[1:] == mine[1:]  # only the number of rows (the vocabulary) may differ
         return shape == mine
 
-    def add(self, model: CausalLM, path: str, coef: float) -> None:
-        """acc += coef * model (acc = coef * model for the first term)."""
-        for name, t in self.check(model, path).items():
-            if name in self.vocab and self.embeddings == "skip":
-                continue
-            x = t.detach().double()
-            term = x if coef == 1.0 else coef * x
-            prev = self.acc.get(name)
-            if prev is None:
-                self.acc[name] = term
-            else:
-                rows = min(prev.shape[0], term.shape[0]) if prev.dim() else None
-                self.acc[name] = prev[:rows] + term[:rows] if rows is not None else prev + term
-
-    def scale(self, s: float) -> None:
-        for name in self.acc:
-            self.acc[name] = self.acc[name] * s
-
-    @torch.no_grad()
-    def write_into_first(self) -> dict[str, int]:
-        """Round the sums to each tensor's dtype into the first model; returns the rows merged per
-        vocabulary-sized tensor."""
-        rows = {}
-        for name, t in self.names.items():
-            if name not in self.acc:
-                continue
-            merged = self.acc[name].to(t.dtype)
-            if name in self.vocab:
-                rows[name] = merged.shape[0]
-            t[: merged.shape[0]].copy_(merged) if t.dim() else t.copy_(merged)
-        return rows
+    def merged(self, name: str, read: dict[str, torch.Tensor], terms: list[tuple[str, float]],
+               scale: float | None, first_key: str) -> torch.Tensor:
+        """The merged float32 tensor `name` from each input's tensor (`read`, by input key): the float64 sum
+        of the terms (times `scale`, plus the base, for a task vector), rounded once."""
+        base = read[first_key]
+        if name in self.vocab and self.embeddings == "skip":
+            return base
+        acc = None
+        for key, coef in terms:
+            acc = _add(acc, read[key], coef)
+        if scale is not None:
+            acc = _add(acc * scale, base, 1.0)
+        merged = acc.to(base.dtype)
+        del acc
+        if name in self.vocab:
+            self.rows[name] = merged.shape[0]
+        if merged.shape != base.shape:  # shared_rows: the rows past the shared vocabulary are the first's
+            merged = torch.cat([merged, base[merged.shape[0]:]])
+        return merged
 
 
-def _warn_config_differences(model: CausalLM, path: str, first: CausalLM, first_path: str) -> None:
-    a, b = vars(model.config), vars(first.config)
+def _add(acc: torch.Tensor | None, t: torch.Tensor, coef: float) -> torch.Tensor:
+    """acc + coef * t in float64, on the rows both have (coef * t for the first term)."""
+    x = t.double()
+    term = x if coef == 1.0 else coef * x
+    if acc is None:
+        return term
+    rows = min(acc.shape[0], term.shape[0]) if acc.dim() else None
+    return acc[:rows] + term[:rows] if rows is not None else acc + term
+
+
+def _warn_config_differences(config, path: str, first_config, first_path: str) -> None:
+    a, b = vars(config), vars(first_config)
     diff = [f"{k} {a[k]!r} (first {b[k]!r})" for k in sorted(a) if k != "vocab_size" and a.get(k) != b.get(k)]
     if diff:
         warnings.warn(f"merge: {path} differs from {first_path} in config {', '.join(diff)}; the output has "
-                      f"{first_path}'s config", stacklevel=3)
+                      f"{first_path}'s config", stacklevel=5)
 
 
 def _weights(paths: Sequence, weights: Sequence[float] | None) -> list[float]:
@@ -160,8 +198,29 @@ def _weights(paths: Sequence, weights: Sequence[float] | None) -> list[float]:
     return [w / total for w in weights]
 
 
-def _load(path: str | Path) -> CausalLM:
-    return load_model(path, dtype=torch.float32)
+def _terms(average, weights, task_vector) -> tuple[str, list[tuple[str, float]], float | None]:
+    """The first (or base) model, the (model, coefficient) terms and the task vector's scale (None: an
+    average)."""
+    if average is not None:
+        coefs = _weights(average, weights)
+        return str(average[0]), list(zip(map(str, average), coefs, strict=True)), None
+    tv = task_vector if isinstance(task_vector, TaskVector) else TaskVector(*task_vector)
+    if not math.isfinite(float(tv.scale)):
+        raise UserError(f"merge: task vector scale must be finite, got {tv.scale}")
+    return str(tv.base), [(str(tv.plus), 1.0), (str(tv.minus), -1.0)], float(tv.scale)
+
+
+def open_inputs(first_path: str, paths: list[str], embeddings: str) -> tuple[Merger, dict[str, ModelReader]]:
+    """A reader per distinct input (keyed by its resolved path; the same directory named twice is read once),
+    each checked against the first in the order given, before any weight is read."""
+    key = lambda p: str(Path(p).resolve())  # noqa: E731
+    readers = {key(first_path): ModelReader(first_path)}
+    merger = Merger(readers[key(first_path)], embeddings)
+    for path in paths:
+        if key(path) not in readers:
+            readers[key(path)] = ModelReader(path)
+        merger.check(readers[key(path)], path)
+    return merger, readers
 
 
 def merge(out_dir: str | Path, average: Sequence[str | Path] | None = None, weights: Sequence[float] | None = None,
@@ -176,29 +235,28 @@ def merge(out_dir: str | Path, average: Sequence[str | Path] | None = None, weig
                         "not both and not neither")
     if embeddings not in EMBEDDING_RULES:
         raise UserError(f"merge: embeddings {embeddings!r}: choose one of {', '.join(EMBEDDING_RULES)}")
-    if average is not None:
-        coefs = _weights(average, weights)
-        first_path, terms, scale = str(average[0]), list(zip(map(str, average), coefs, strict=True)), None
-    else:
-        tv = task_vector if isinstance(task_vector, TaskVector) else TaskVector(*task_vector)
-        if not math.isfinite(float(tv.scale)):
-            raise UserError(f"merge: task vector scale must be finite, got {tv.scale}")
-        first_path, scale = str(tv.base), float(tv.scale)
-        terms = [(str(tv.plus), 1.0), (str(tv.minus), -1.0)]
-    first = _load(first_path)
-    merger = Merger(first, first_path, embeddings)
-    for path, coef in terms:
-        same = Path(path).resolve() == Path(first_path).resolve()
-        merger.add(first if same else _load(path), path, coef)
-    if scale is not None:
-        merger.scale(scale)
-        merger.add(first, first_path, 1.0)
-    rows = merger.write_into_first()
+    first_path, terms, scale = _terms(average, weights, task_vector)
+    merger, readers = open_inputs(first_path, [p for p, _ in terms], embeddings)
+    config = merger.first.config
+    keys = {p: str(Path(p).resolve()) for p in [first_path, *(p for p, _ in terms)]}
+    names = list(merger.names)
+    skipped = merger.vocab if embeddings == "skip" else set()
+    streams = {k: r.tensors(names if k == keys[first_path] else [n for n in names if n not in skipped])
+               for k, r in readers.items()}
+
+    def merged_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            read = {k: next(s)[1] for k, s in streams.items() if k == keys[first_path] or name not in skipped}
+            yield name, merger.merged(name, read, [(keys[p], c) for p, c in terms], scale, keys[first_path])
+            del read
+
     out_dir = Path(out_dir)
-    first.save_pretrained(out_dir, dtype=dtype)
+    shapes, _ = hf_plan(config)
+    hf.save_streamed(shapes, streamed_writer(config, merged_tensors()), config, out_dir, "5GB",
+                     dtype or torch.float32)
     copied = copy_tokenizer_files(first_path, out_dir)
     info = {"kind": "average" if scale is None else "task_vector", "first": first_path,
             "terms": [{"model": p, "coefficient": c} for p, c in terms], "scale": scale,
-            "embeddings": embeddings, "vocab_rows_merged": rows, "tokenizer_files": copied}
+            "embeddings": embeddings, "vocab_rows_merged": merger.rows, "tokenizer_files": copied}
     (out_dir / METADATA).write_text(json.dumps(info, indent=1) + "\n")
     return out_dir

@@ -368,6 +368,24 @@ def saved_model_config(ckpt: Path):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_source(path: str | Path) -> Path:
+    """What `load_model` reads for `path`: a Hugging Face directory itself, or the complete checkpoint it names
+    (a run directory: its newest valid one); a UserError naming what was expected otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory; expected a Hugging Face model directory (config.json + "
+                        "*.safetensors), a moecpt checkpoint or a training run directory")
+    if is_hf_dir(path):
+        return path
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        what = "a run directory without a complete checkpoint under checkpoints/" if (path / "checkpoints").is_dir() \
+            else "no config.json and no checkpoint there"
+        raise UserError(f"{path}: {what}; expected a Hugging Face model directory (as `moecpt export` writes), "
+                        "a moecpt checkpoint or a training run directory")
+    return ckpt
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu") -> CausalLM:
     """The one model loader: a Hugging Face directory, a moecpt checkpoint, or a run directory (its latest
@@ -381,20 +399,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
         if dtype not in _DTYPES:
             raise UserError(f"dtype {dtype!r}: choose float32, bfloat16, float16 or auto")
         dtype = _DTYPES[dtype]
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: not a directory; expected a Hugging Face model directory (config.json + "
-                        "*.safetensors), a moecpt checkpoint or a training run directory")
-    if is_hf_dir(path):
-        return from_pretrained(path, dtype=dtype, device=device).eval()
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        what = "a run directory without a complete checkpoint under checkpoints/" if (path / "checkpoints").is_dir() \
-            else "no config.json and no checkpoint there"
-        raise UserError(f"{path}: {what}; expected a Hugging Face model directory (as `moecpt export` writes), "
-                        "a moecpt checkpoint or a training run directory")
-    model = build_model(saved_model_config(ckpt), device="cpu")
-    load_model_weights(ckpt, model)
+    src = model_source(path)
+    if is_hf_dir(src):
+        return from_pretrained(src, dtype=dtype, device=device).eval()
+    model = build_model(saved_model_config(src), device="cpu")
+    load_model_weights(src, model)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -443,6 +452,7 @@ def checkpoint_tensors(ckpt: Path, names: list[str]) -> Iterator[tuple[str, torc
         with _single_process_ok():
             dcp.load({"model": {name: t}}, storage_reader=reader, no_dist=True)
         yield name, t
+        del t  # released before the next tensor is allocated
 
 
 def set_aside_later(ckpt_root: Path, step: int) -> list[Path]:

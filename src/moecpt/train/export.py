@@ -77,7 +77,7 @@ def hf_plan(config) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     return shapes, owner
 
 
-def _streamed_writer(config, tensors: Iterator[tuple[str, torch.Tensor]]):
+def streamed_writer(config, tensors: Iterator[tuple[str, torch.Tensor]]):
     """`get(hf_name)` for `save_streamed`: the moecpt tensors come from `tensors` in the adapter's order, one
     at a time, and each is converted with `to_hf_tensor` when its first Hugging Face tensor is asked for."""
     adapter = family_of(config).adapter_cls(config)
@@ -104,7 +104,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, tokenizer_path: str | None, dty
     config = ckpt_lib.saved_model_config(ckpt)
     shapes, _ = hf_plan(config)
     names = list(family_of(config).adapter_cls(config).state_shapes())
-    get = _streamed_writer(config, ckpt_lib.checkpoint_tensors(ckpt, names))
+    get = streamed_writer(config, ckpt_lib.checkpoint_tensors(ckpt, names))
     hf.save_streamed(shapes, get, config, out_dir, max_shard_size, dtype or torch.float32)
     if tokenizer_path:
         export_tokenizer(tokenizer_path, out_dir, config.max_position_embeddings)
@@ -122,7 +122,7 @@ def export_sharded(model: CausalLM, world: int, tokenizer_path: str | None, out_
     state = model.state_dict()
     names = list(family_of(config).adapter_cls(config).state_shapes())
     gathered = ((n, state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]) for n in names)
-    get = _streamed_writer(config, gathered)
+    get = streamed_writer(config, gathered)
     shapes, _ = hf_plan(config)
     if rank() != 0:
         for hf_name in shapes:  # the same gathers, in the same order, as rank 0's writer makes
