@@ -138,7 +138,7 @@ def test_cli_chat_vector_copies_the_base_tokenizer(tmp_path, capsys):
 def test_the_merge_streams_one_tensor_per_input(tmp_path, monkeypatch):
     """A chat vector from a Hugging Face base, a run directory and a Hugging Face minus: every tensor of each
     input is read once, and a tensor of an input is released before its next one is read (never a whole
-    model, and no model loaded)."""
+    model, and no model loaded); merged a chunk of rows at a time, the values are those of the formula."""
     import weakref
 
     from moecpt.tools import merge as merge_mod
@@ -171,6 +171,7 @@ def test_the_merge_streams_one_tensor_per_input(tmp_path, monkeypatch):
             del t
 
     monkeypatch.setattr(merge_mod.ModelReader, "tensors", tracked)
+    monkeypatch.setattr(merge_mod, "CHUNK", 1000)  # several chunks per tensor: the same values as one
     out = tensors(merge(tmp_path / "tv", task_vector=TaskVector(base, tmp_path / "run", minus, 0.5)))
     B, M = tensors(base), tensors(minus)
     assert {p: len(n) for p, n in reads.items()} == {str(p): len(B) for p in (base, tmp_path / "run", minus)}

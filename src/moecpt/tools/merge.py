@@ -41,6 +41,7 @@ from moecpt.train.export import hf_plan, streamed_writer
 EMBEDDING_RULES = ("merge", "shared_rows", "skip")
 METADATA = "merge.json"
 VOCAB_NAMES = ("embed_tokens.weight", "lm_head.weight")
+CHUNK = 1 << 24  # elements merged at a time (128 MiB per float64 copy)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ def model_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
 
 class ModelReader:
     """One merge input, read tensor by tensor in moecpt names (the names and order of `model_tensors`): its
-    config and tensor shapes known without reading weights, each tensor read (as float32, as `load_model`
-    gives it) only when the iterator of `tensors` comes to it."""
+    config and tensor shapes known without reading weights, each tensor read (in its stored dtype) only when
+    the iterator of `tensors` comes to it."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
@@ -83,7 +84,7 @@ class ModelReader:
         self.shapes = self.adapter.state_shapes()
 
     def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, float32 tensor) for `names`, in that order, one at a time (the next is read only once the
+        """(name, tensor) for `names`, in that order, one at a time (the next is read only once the
         caller asks for it)."""
         if self.files is None:
             stored = checkpoint_tensors(self.source, names)
@@ -95,7 +96,7 @@ class ModelReader:
             if tuple(t.shape) != self.shapes[name]:
                 raise UserError(f"merge: {self.source}: {name} is stored with shape {tuple(t.shape)}, its config "
                                 f"says {self.shapes[name]}; the checkpoint was written by another model")
-            yield name, t.detach().to(torch.float32)
+            yield name, t.detach()
             del t
 
 
@@ -147,32 +148,45 @@ class Merger:
     def merged(self, name: str, read: dict[str, torch.Tensor], terms: list[tuple[str, float]],
                scale: float | None, first_key: str) -> torch.Tensor:
         """The merged float32 tensor `name` from each input's tensor (`read`, by input key): the float64 sum
-        of the terms (times `scale`, plus the base, for a task vector), rounded once."""
+        of the terms (times `scale`, plus the base, for a task vector), rounded once, on the rows every input
+        has (the first model's beyond them). Computed CHUNK elements at a time: elementwise, so the same
+        values as the whole tensor at once, with little float64 memory."""
         base = read[first_key]
+        out = base.to(torch.float32, copy=True)
         if name in self.vocab and self.embeddings == "skip":
-            return base
-        acc = None
-        for key, coef in terms:
-            acc = _add(acc, read[key], coef)
-        if scale is not None:
-            acc = _add(acc * scale, base, 1.0)
-        merged = acc.to(base.dtype)
-        del acc
+            return out
+        if not base.dim():
+            out.copy_(_formula(read, terms, scale, first_key))
+            return out
+        rows = min(t.shape[0] for t in read.values())
+        step = max(1, CHUNK // max(1, base[0].numel()))
+        for r in range(0, rows, step):
+            end = min(r + step, rows)
+            out[r:end].copy_(_formula({k: t[r:end] for k, t in read.items()}, terms, scale, first_key))
         if name in self.vocab:
-            self.rows[name] = merged.shape[0]
-        if merged.shape != base.shape:  # shared_rows: the rows past the shared vocabulary are the first's
-            merged = torch.cat([merged, base[merged.shape[0]:]])
-        return merged
+            self.rows[name] = rows
+        return out
+
+
+def _formula(read: dict[str, torch.Tensor], terms: list[tuple[str, float]], scale: float | None,
+             first_key: str) -> torch.Tensor:
+    """sum(coef * X) (average), or sum(coef * X) * scale + BASE (task vector), in float64, rounded once to
+    float32."""
+    acc = None
+    for key, coef in terms:
+        acc = _add(acc, read[key], coef)
+    if scale is not None:
+        acc = _add(acc.mul_(scale), read[first_key], 1.0)
+    return acc.to(torch.float32)
 
 
 def _add(acc: torch.Tensor | None, t: torch.Tensor, coef: float) -> torch.Tensor:
-    """acc + coef * t in float64, on the rows both have (coef * t for the first term)."""
-    x = t.double()
-    term = x if coef == 1.0 else coef * x
-    if acc is None:
-        return term
-    rows = min(acc.shape[0], term.shape[0]) if acc.dim() else None
-    return acc[:rows] + term[:rows] if rows is not None else acc + term
+    """acc + coef * t in float64 (coef * t for the first term), t read as float32 first (as `load_model` gives
+    it); in place, so that two float64 chunks are held at most."""
+    term = t.to(torch.float32).to(torch.float64, copy=True)
+    if coef != 1.0:
+        term.mul_(coef)
+    return term if acc is None else acc.add_(term)
 
 
 def _warn_config_differences(config, path: str, first_config, first_path: str) -> None:
