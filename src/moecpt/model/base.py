@@ -129,9 +129,11 @@ class CausalLM(nn.Module):
     def losses(self, h, input_ids, targets, stats, attention_mask, position_ids, intra_doc_attention,
                token_mask) -> LossOutput:
         """The one loss over the final hidden states, with a family's multi-token prediction loss (and its
-        layers' router statistics) when it has one (`mtp_loss`)."""
-        mtp, mtp_stats = self.mtp_loss(h, input_ids, targets, attention_mask, position_ids, intra_doc_attention,
-                                       token_mask)
+        layers' router statistics) when it has one (`mtp_loss`), in training mode only: a training signal, it
+        is not run in eval mode (validation, evaluation), where every rank then runs the same modules whether it
+        passes targets or not (a sharded MTP layer's collectives would otherwise wait on a rank that does not)."""
+        mtp, mtp_stats = (self.mtp_loss(h, input_ids, targets, attention_mask, position_ids, intra_doc_attention,
+                                        token_mask) if self.training else (None, []))
         out = self.loss_fn(h, self.lm_head.weight, targets, stats + mtp_stats)
         if mtp is not None:
             out.mtp_loss, out.mtp_coef = mtp, self.config.mtp_loss_coef

@@ -1,6 +1,10 @@
 """The one place that decides how a single-device model is distributed, in a fixed order:
 
-    expert parallelism -> activation checkpointing -> torch.compile -> FSDP2 (per decoder block, then root)
+    expert parallelism -> activation checkpointing -> torch.compile -> FSDP2 (per block, then root)
+
+A block is a decoder layer or, in a family with multi-token prediction (DeepSeek-V3), one MTP depth: each is
+its own FSDP unit (its routed experts a unit of their own on the expert-sharding mesh under EP), so the root
+holds only the embeddings, the final norm and the LM head.
 
 Device meshes. Every rank is a data-parallel rank (it reads its own micro-batches). Dense weights are
 sharded by FSDP over all ranks (the 1-D mesh "dp"). With expert parallelism of size ep, the ranks also form
@@ -56,9 +60,15 @@ def build_meshes(device: torch.device, world: int, ep: int) -> Meshes:
     return Meshes(dp=dp, ep=mesh["ep"], efsdp=mesh["efsdp"])
 
 
+def blocks(model: CausalLM) -> list[nn.Module]:
+    """The decoder layers, then the multi-token prediction depths a family has (run after them, when trained)."""
+    return [*model.layers, *getattr(model, "mtp", [])]
+
+
 def apply_activation_checkpointing(model: CausalLM) -> None:
-    """Recompute each decoder block in backward (keeps its input only). Parameter names do not change."""
-    for layer in model.layers:
+    """Recompute each block (decoder layer, MTP depth) in backward (keeps its inputs only). Parameter names do
+    not change."""
+    for layer in blocks(model):
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
@@ -83,16 +93,19 @@ def _shard_dim(param: nn.Parameter, ranks: int) -> Shard:
 
 def apply_fsdp(model: CausalLM, meshes: Meshes, param_dtype: torch.dtype | None,
                reshard_after_forward: bool) -> None:
-    """FSDP2 (ZeRO-3): each decoder block is one all-gather/reduce-scatter unit; the root holds the rest
-    (embeddings, final norm, LM head). Expert weights under EP are their own unit on the efsdp mesh."""
+    """FSDP2 (ZeRO-3): each block (decoder layer, MTP depth) is one all-gather/reduce-scatter unit; the root
+    holds the rest (embeddings, final norm, LM head). Expert weights under EP are their own unit on the efsdp
+    mesh."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     world = meshes.dp.size()
     dense_place = functools.partial(_shard_dim, ranks=world)
-    for i, layer in enumerate(model.layers):
-        last = i == len(model.layers) - 1  # the root all-gathers right after it: keep it gathered
+    run = len(model.layers) + (len(getattr(model, "mtp", [])) if getattr(model.config, "mtp_loss_coef", 0) else 0)
+    for i, layer in enumerate(blocks(model)):
+        last = i == run - 1  # the last block run in forward: backward starts with it, keep it gathered
         reshard = reshard_after_forward and not last
-        if meshes.ep is not None and hasattr(layer, "moe"):  # dense layers among the MoE ones have no experts
-            experts = layer.moe.experts
+        decoder = getattr(layer, "block", layer)  # an MTP depth's decoder layer
+        if meshes.ep is not None and hasattr(decoder, "moe"):  # dense layers among the MoE ones have no experts
+            experts = decoder.moe.experts
             efsdp = meshes.efsdp.size()
             fully_shard(experts, mesh=meshes.efsdp, mp_policy=mp, reshard_after_forward=reshard,
                         shard_placement_fn=functools.partial(_shard_dim, ranks=efsdp))

@@ -38,9 +38,10 @@ Formulas (N GPUs, ep expert-parallel size, P parameters, a = bytes of the comput
   mtp_loss_coef > 0) is its MoE decoder layer + 3 N(H) + 4 a H + 16. With activation checkpointing a
   layer keeps only its input (a H) and one layer is recomputed at a time. The chunked LM head and loss keep
   a H + 8 bytes per token and, transiently, one chunk's logits: CHUNK_TOKENS x V x (a + 4) bytes.
-* Multi-token prediction layers sit in the root FSDP unit (`parallelize.apply_fsdp` wraps decoder layers
-  only), so they are gathered with the embeddings and the LM head; untrained (mtp_loss_coef = 0) they get no
-  gradients and no AdamW state: 4 B per parameter / N.
+* Multi-token prediction layers are FSDP units of their own, like decoder blocks (`parallelize.apply_fsdp`;
+  their routed experts split over EP like a block's): trained (mtp_loss_coef > 0), each is gathered in turn
+  like a block; untrained they never run, so they are never gathered and get no gradients and no AdamW
+  state: 4 B per parameter / N.
 * Verdict: when no layout fits, the plan says why (the sharded state alone over the usable memory, or one
   sequence with the leanest layout) and what it would take: pipeline parallelism, which moecpt does not
   have, or the fewest GPUs (whole nodes of 8) on which FSDP + EP holds one sequence.
@@ -217,16 +218,18 @@ def trained(c, name: str) -> bool:
 
 
 def gathered_numels(c, ep: int) -> tuple[dict[str, int], int]:
-    """Elements one rank gathers: per decoder block (dense weights in full, its E / ep local experts), and the
-    root FSDP unit, which `parallelize.apply_fsdp` keeps gathered: embeddings, final norm, LM head, and the
-    multi-token prediction layers (not units of their own)."""
+    """Elements one rank gathers: per block (dense weights in full, its E / ep local experts), and the root
+    FSDP unit, which `parallelize.apply_fsdp` keeps gathered: embeddings, final norm, LM head. A block is a
+    decoder layer or a trained multi-token prediction depth (an untrained one never runs: never gathered)."""
     blocks: dict[str, int] = {}
     root = 0
     for name, s in parameter_shapes(c):
         numel = _numel(s) // (ep if ".experts." in name else 1)
-        if name.startswith("layers."):
-            layer = name.split(".")[1]
-            blocks[layer] = blocks.get(layer, 0) + numel
+        if name.startswith(("layers.", "mtp.")):
+            if not trained(c, name):
+                continue
+            block = ".".join(name.split(".")[:2])
+            blocks[block] = blocks.get(block, 0) + numel
         else:
             root += numel
     return blocks, root
@@ -297,7 +300,7 @@ def layers_line(c) -> str:
     text = f"layers: {c.num_hidden_layers - sparse} dense + {sparse} MoE"
     mtp = sum(1 for name, _ in parameter_shapes(c) if name.startswith("mtp.") and name.endswith(".enorm.weight"))
     if mtp:
-        text += (f" + {mtp} multi-token prediction, in the root FSDP unit ("
+        text += (f" + {mtp} multi-token prediction, each its own FSDP unit ("
                  + ("trained: mtp_loss_coef > 0)" if getattr(c, "mtp_loss_coef", 0)
                     else "kept, not trained: fp32 weights only, no gradients or AdamW state)"))
     return text

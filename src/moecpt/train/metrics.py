@@ -236,6 +236,7 @@ class RunLogger:
 
 def console_line(r: dict[str, Any], total: int, eta: float) -> str:
     parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}", f"lb {r['lb_loss']:.4f}", f"z {r['z_loss']:.3f}",
+             *([f"mtp {r['mtp_loss']:.4f}"] if "mtp_loss" in r else []),
              f"lr {r['lr']:.3g}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s",
              f"{r['model_tflops']:.2f} TFLOP/s"]
     if "mfu" in r:

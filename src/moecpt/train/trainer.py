@@ -226,7 +226,8 @@ class Trainer:
         batches = [to_device(self.loader.next_batch(), self.rt.device) for _ in range(self.accum)]
         n_corpora, dev = len(self.loader.dataset.corpora), self.rt.device  # the stage these batches are of
         sums = StepSums(torch.zeros(n_corpora, device=dev), torch.zeros(n_corpora, device=dev), 0)
-        losses = torch.zeros(3, device=dev)  # summed CE (nats), summed lb loss, summed z loss
+        losses = torch.zeros(4, device=dev)  # summed CE (nats), summed lb loss, summed z loss, summed MTP CE
+        mtp = False  # whether the model trains a multi-token prediction loss (DeepSeek-V3 with mtp_loss_coef > 0)
         ce_weight = self.rt.world / self.tokens_per_step  # gradients are averaged over the ranks
         self.model.train()
         for i, b in enumerate(batches):
@@ -236,14 +237,16 @@ class Trainer:
                 out = self.model(**model_inputs(b, cfg.model.intra_doc_attention))
                 out.objective(ce_weight, 1.0 / self.accum).backward()
             with torch.no_grad():
-                losses += torch.stack([out.token_loss.sum(), out.aux_loss, out.z_loss]).detach()
+                mtp = out.mtp_loss is not None
+                mtp_sum = out.mtp_loss if mtp else out.z_loss.new_zeros(())
+                losses += torch.stack([out.token_loss.sum(), out.aux_loss, out.z_loss, mtp_sum]).detach()
                 per_seq = out.token_loss.detach().sum(dim=1)
                 sums.corpus_loss.index_add_(0, b["corpus"], per_seq)
                 sums.corpus_tokens.index_add_(0, b["corpus"], torch.full_like(per_seq, out.token_loss.shape[1]))
                 sums.expert_counts += out.expert_counts.detach()
         grad_norm = par.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip or float("inf"))
         stop = pdist.all_reduce(torch.tensor([float(self._stop_signal or 0)], device=dev), op="max")
-        ce_sum, lb, z, gnorm, signum = torch.cat([pdist.all_reduce(losses), grad_norm.reshape(1), stop]).tolist()
+        ce_sum, lb, z, mtp_ce, gnorm, signum = torch.cat([pdist.all_reduce(losses), grad_norm.reshape(1), stop]).tolist()
         ce = ce_sum / self.tokens_per_step
         lr = lr_at(self.step, cfg.training.steps, cfg.optimizer, cfg.schedule, self.branch)
         finite = math.isfinite(ce) and math.isfinite(gnorm)
@@ -261,9 +264,12 @@ class Trainer:
         # lands on one rank after it is read is acted on at the next step, by all ranks together.
         self._agreed_stop = int(signum) or None
         per_pass = self.accum * self.rt.world
-        return {"step": self.step, "loss": ce, "lb_loss": lb / per_pass, "z_loss": z / per_pass, "lr": lr,
-                "grad_norm": gnorm, "tokens": self.tokens_per_step, "skipped": not finite,
-                "samples_consumed": self.loader.state.samples_consumed, "spike": self.spikes(ce)}
+        record = {"step": self.step, "loss": ce, "lb_loss": lb / per_pass, "z_loss": z / per_pass, "lr": lr,
+                  "grad_norm": gnorm, "tokens": self.tokens_per_step, "skipped": not finite,
+                  "samples_consumed": self.loader.state.samples_consumed, "spike": self.spikes(ce)}
+        if mtp:  # the MTP cross-entropy (mean over the extra depths) per target token, before mtp_loss_coef
+            record["mtp_loss"] = mtp_ce / self.tokens_per_step
+        return record
 
     def _count_nonfinite(self, finite: bool) -> None:
         """The streak counters; a streak's first step protects the newest checkpoint before it from pruning."""
