@@ -183,7 +183,8 @@ def _formula(read: dict[str, torch.Tensor], terms: list[tuple[str, float]], scal
 def _add(acc: torch.Tensor | None, t: torch.Tensor, coef: float) -> torch.Tensor:
     """acc + coef * t in float64 (coef * t for the first term), t read as float32 first (as `load_model` gives
     it); in place, so that two float64 chunks are held at most."""
-    term = t.to(torch.float32).to(torch.float64, copy=True)
+    exact = t.dtype.itemsize <= 4  # bf16, fp16 and fp32 widen exactly; a wider dtype is rounded to fp32 first
+    term = t.to(torch.float64, copy=True) if exact else t.to(torch.float32).to(torch.float64)
     if coef != 1.0:
         term.mul_(coef)
     return term if acc is None else acc.add_(term)
