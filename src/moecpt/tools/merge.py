@@ -225,16 +225,19 @@ def _terms(average, weights, task_vector) -> tuple[str, list[tuple[str, float]],
     return str(tv.base), [(str(tv.plus), 1.0), (str(tv.minus), -1.0)], float(tv.scale)
 
 
+def _key(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
 def open_inputs(first_path: str, paths: list[str], embeddings: str) -> tuple[Merger, dict[str, ModelReader]]:
     """A reader per distinct input (keyed by its resolved path; the same directory named twice is read once),
     each checked against the first in the order given, before any weight is read."""
-    key = lambda p: str(Path(p).resolve())  # noqa: E731
-    readers = {key(first_path): ModelReader(first_path)}
-    merger = Merger(readers[key(first_path)], embeddings)
+    readers = {_key(first_path): ModelReader(first_path)}
+    merger = Merger(readers[_key(first_path)], embeddings)
     for path in paths:
-        if key(path) not in readers:
-            readers[key(path)] = ModelReader(path)
-        merger.check(readers[key(path)], path)
+        if _key(path) not in readers:
+            readers[_key(path)] = ModelReader(path)
+        merger.check(readers[_key(path)], path)
     return merger, readers
 
 
@@ -253,7 +256,7 @@ def merge(out_dir: str | Path, average: Sequence[str | Path] | None = None, weig
     first_path, terms, scale = _terms(average, weights, task_vector)
     merger, readers = open_inputs(first_path, [p for p, _ in terms], embeddings)
     config = merger.first.config
-    keys = {p: str(Path(p).resolve()) for p in [first_path, *(p for p, _ in terms)]}
+    keys = {p: _key(p) for p in [first_path, *(p for p, _ in terms)]}
     names = list(merger.names)
     skipped = merger.vocab if embeddings == "skip" else set()
     streams = {k: r.tensors(names if k == keys[first_path] else [n for n in names if n not in skipped])
