@@ -184,9 +184,25 @@ class DenseLayers:
         return problems
 
 
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+
+
 class LayerTypes:
-    """For families whose `attention_types` name each layer's attention, "full_attention" or
-    "sliding_attention" (within `sliding_window` positions)."""
+    """For families whose `layer_types` (or its default, `attention_types`) name each layer's attention,
+    "full_attention" or "sliding_attention" (within `sliding_window` positions)."""
+
+    def layer_type_problems(self) -> list[str]:
+        """A `layer_types` of another length than the layers, or with an attention type moecpt lacks."""
+        if self.layer_types is None:
+            return []
+        problems = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} "
+                            "layers (num_hidden_layers)")
+        unknown = sorted(set(self.layer_types) - set(ATTENTION_TYPES))
+        if unknown:
+            problems.append(f"layer_types {unknown} are not supported; use {' or '.join(ATTENTION_TYPES)}")
+        return problems
 
     def window(self, layer: int) -> int | None:
         """The attention window of a layer (None: full causal attention)."""

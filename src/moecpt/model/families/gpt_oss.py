@@ -41,7 +41,6 @@ from moecpt.model.moe import Experts, Router, SparseMoeBlock, grouped_mm
 from moecpt.model.mxfp4 import BLOCK, dequantize_mxfp4
 from moecpt.model.rope import Yarn, rope_tables
 
-ATTENTION_TYPES = ("full_attention", "sliding_attention")
 # transformers' GptOssConfig default when config.json has no rope parameters.
 DEFAULT_YARN = Yarn(factor=32.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0, truncate=False)
 DEFAULT_THETA = 150000.0
@@ -93,14 +92,7 @@ class GptOssConfig(LayerTypes, FamilyConfig):
         self.raise_problems(problems + self._window_problems())
 
     def _window_problems(self) -> list[str]:
-        problems = []
-        if self.layer_types is not None:
-            if len(self.layer_types) != self.num_hidden_layers:
-                problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} "
-                                "layers (num_hidden_layers)")
-            unknown = sorted(set(self.layer_types) - set(ATTENTION_TYPES))
-            if unknown:
-                problems.append(f"layer_types {unknown} are not supported; use {' or '.join(ATTENTION_TYPES)}")
+        problems = self.layer_type_problems()
         if "sliding_attention" in self.attention_types and not (self.sliding_window or 0) > 0:
             problems.append(f"sliding_attention layers need a positive sliding_window, got {self.sliding_window}")
         return problems

@@ -29,8 +29,6 @@ from moecpt.model.config import DenseLayers, FamilyConfig, LayerTypes
 from moecpt.model.layers import Attention, DecoderLayer
 from moecpt.model.moe import DenseMLP, SparseMoeBlock
 
-ATTENTION_TYPES = ("full_attention", "sliding_attention")
-
 
 @dataclass(frozen=True)
 class Qwen2MoeConfig(DenseLayers, LayerTypes, FamilyConfig):
@@ -81,17 +79,10 @@ class Qwen2MoeConfig(DenseLayers, LayerTypes, FamilyConfig):
             + self._window_problems())
 
     def _window_problems(self) -> list[str]:
-        problems = []
-        if self.layer_types is not None:
-            if len(self.layer_types) != self.num_hidden_layers:
-                problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} "
-                                "layers (num_hidden_layers)")
-            unknown = sorted(set(self.layer_types) - set(ATTENTION_TYPES))
-            if unknown:
-                problems.append(f"layer_types {unknown} are not supported; use {' or '.join(ATTENTION_TYPES)}")
-            if "sliding_attention" in self.layer_types and not self.use_sliding_window:
-                problems.append("layer_types has sliding_attention layers but use_sliding_window is false "
-                                "(transformers then sets sliding_window to 0); turn it on or use full_attention")
+        problems = self.layer_type_problems()
+        if "sliding_attention" in (self.layer_types or ()) and not self.use_sliding_window:
+            problems.append("layer_types has sliding_attention layers but use_sliding_window is false "
+                            "(transformers then sets sliding_window to 0); turn it on or use full_attention")
         if self.use_sliding_window and (self.sliding_window is None or self.sliding_window <= 0):
             problems.append(f"use_sliding_window needs a positive sliding_window, got {self.sliding_window}")
         return problems
