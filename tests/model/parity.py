@@ -78,6 +78,21 @@ def compare_forward(hf, model, ids: torch.Tensor, monkeypatch, tol: float):
     return theirs, ours
 
 
+def compare_left_padding(hf, model, ids: torch.Tensor, tol: float):
+    """Rows 0 and 1 of `ids` [3, T] left-padded by 7 and 1 positions: logits on the real tokens within `tol` of
+    transformers' and the same load-balancing loss. Returns moecpt's output and the real-token mask."""
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    mask[1, :1] = 0
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, output_router_logits=True)
+        ours = model(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (theirs.logits[real] - ours.logits[real]).abs().max().item() <= tol
+    assert ours.aux_loss.item() == pytest.approx(theirs.aux_loss.item(), abs=1e-6)
+    return ours, real
+
+
 def compare_gradients(hf, model, ids: torch.Tensor, hf_name, tol: float, to_ours=None) -> None:
     """Backward of the labels loss through both: every moecpt parameter has a gradient within `tol` of
     transformers' (`hf_name` maps moecpt's name to transformers' in-memory one; `to_ours(name, grad)`, where

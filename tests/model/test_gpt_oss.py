@@ -25,7 +25,14 @@ from moecpt.model.mxfp4 import dequantize_mxfp4
 
 transformers = pytest.importorskip("transformers")
 
-from .parity import compare_forward, compare_generation, compare_gradients, random_ids, save_perturbed  # noqa: E402
+from .parity import (  # noqa: E402
+    compare_forward,
+    compare_generation,
+    compare_gradients,
+    compare_left_padding,
+    random_ids,
+    save_perturbed,
+)
 
 TOL = 1e-5
 VOCAB = 128
@@ -103,15 +110,7 @@ def test_left_padding_matches_transformers(tmp_path):
     hf = make_hf_model(tmp_path)
     model = moecpt.from_pretrained(tmp_path).eval()
     ids = ids_of((3, 20), 3)
-    mask = torch.ones_like(ids)
-    mask[0, :7] = 0
-    mask[1, :1] = 0
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask, output_router_logits=True)
-        ours = model(ids, attention_mask=mask)
-    real = mask.bool()
-    assert (theirs.logits[real] - ours.logits[real]).abs().max().item() <= TOL
-    assert ours.aux_loss.item() == pytest.approx(theirs.aux_loss.item(), abs=1e-6)
+    compare_left_padding(hf, model, ids, TOL)
 
 
 def test_every_gradient_matches_transformers(tmp_path):

@@ -11,6 +11,7 @@ import moecpt
 from moecpt.model import moe as moe_module
 
 from .hf_models import SHAPES, make_hf_model
+from .parity import compare_left_padding
 
 pytest.importorskip("transformers")
 
@@ -59,15 +60,7 @@ def test_left_padding_matches_transformers_and_is_excluded_from_statistics(tmp_p
     hf = make_hf_model(tmp_path)
     model = moecpt.from_pretrained(tmp_path).eval()
     ids = torch.randint(1, 128, (3, 20), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    mask[0, :7] = 0
-    mask[1, :1] = 0
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask, output_router_logits=True)
-        ours = model(ids, attention_mask=mask)
-    real = mask.bool()
-    assert (theirs.logits[real] - ours.logits[real]).abs().max().item() <= TOL
-    assert ours.aux_loss.item() == pytest.approx(theirs.aux_loss.item(), abs=1e-6)
+    ours, real = compare_left_padding(hf, model, ids, TOL)
     assert not torch.isnan(ours.logits).any()
     # Every real token is counted top_k times per layer, padding not at all.
     assert ours.expert_counts.sum(dim=1).tolist() == [real.sum().item() * 2] * 2

@@ -23,6 +23,7 @@ from .parity import (  # noqa: E402
     compare_forward,
     compare_generation,
     compare_gradients,
+    compare_left_padding,
     fused_name,
     random_ids,
     save_perturbed,
@@ -104,15 +105,7 @@ def test_left_padding_matches_transformers_and_is_excluded_from_statistics(tmp_p
     hf = make_hf_model(tmp_path, clip_qkv=0.5)
     model = moecpt.from_pretrained(tmp_path).eval()
     ids = ids_of((3, 20), 4)
-    mask = torch.ones_like(ids)
-    mask[0, :7] = 0
-    mask[1, :1] = 0
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask, output_router_logits=True)
-        ours = model(ids, attention_mask=mask)
-    real = mask.bool()
-    assert (theirs.logits[real] - ours.logits[real]).abs().max().item() <= TOL
-    assert ours.aux_loss.item() == pytest.approx(theirs.aux_loss.item(), abs=1e-6)
+    ours, real = compare_left_padding(hf, model, ids, TOL)
     assert ours.expert_counts.sum(dim=1).tolist() == [real.sum().item() * 2] * 2
 
 

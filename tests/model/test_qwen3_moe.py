@@ -21,7 +21,13 @@ from moecpt.model.families.qwen3_moe import Qwen3MoeAdapter, Qwen3MoeConfig
 
 transformers = pytest.importorskip("transformers")
 
-from .parity import compare_forward, compare_generation, compare_gradients, save_perturbed  # noqa: E402
+from .parity import (  # noqa: E402
+    compare_forward,
+    compare_generation,
+    compare_gradients,
+    compare_left_padding,
+    save_perturbed,
+)
 
 TOL = 1e-5
 VOCAB = 128
@@ -96,15 +102,7 @@ def test_left_padding_matches_transformers_and_is_left_out_of_the_statistics(tmp
     hf = make_hf_model(tmp_path, **SHAPES["dense0-gqa-topknorm"])
     model = moecpt.from_pretrained(tmp_path).eval()
     ids = ids_batch(2, t=20)
-    mask = torch.ones_like(ids)
-    mask[0, :7] = 0
-    mask[1, :1] = 0
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask, output_router_logits=True)
-        ours = model(ids, attention_mask=mask)
-    real = mask.bool()
-    assert (theirs.logits[real] - ours.logits[real]).abs().max().item() <= TOL
-    assert ours.aux_loss.item() == pytest.approx(theirs.aux_loss.item(), abs=1e-6)
+    ours, real = compare_left_padding(hf, model, ids, TOL)
     moe_layers = len(model.config.sparse_layers)
     assert ours.expert_counts.sum(dim=1).tolist() == [real.sum().item() * 2] * moe_layers
 
