@@ -347,21 +347,11 @@ class GptOssAdapter(StateDictAdapter):
         experts = self.hf_tensor(name, lambda n: get_slice(n, region[:1]), layout)
         return experts[(slice(None), *region[1:])]
 
-    def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The plain ("bf16") layout, tensor by tensor (`to_hf_tensor`)."""
-        out = {}
-        for name in self.state_shapes():
-            out |= self.to_hf_tensor(name, state[name])
-        return out
-
     def to_hf_tensor(self, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """One moecpt tensor in the plain layout: experts interleaved and transposed back to transformers'
         stacking. A selection bias (no place in the format) is dropped, with a warning when it holds anything."""
         if name.endswith(BIAS):
-            if not t.is_meta and bool(t.any()):
-                warnings.warn(f"{name} (the router's selection bias) has no place in the Hugging Face gpt_oss "
-                              "format and is not exported; transformers will route without it", stacklevel=3)
-            return {}
+            return super().to_hf_tensor(name, t)  # dropped, with the base adapter's warning
         kind = name.rsplit(".", 1)[1] if ".experts." in name else None
         if kind == "gate_up_proj":
             t = halves_to_interleaved(t.transpose(1, 2))
