@@ -93,6 +93,21 @@ def compare_left_padding(hf, model, ids: torch.Tensor, tol: float):
     return ours, real
 
 
+def assert_missing_tensor_refused(hf_dir: Path, tensors: dict[str, torch.Tensor], victim: str) -> None:
+    """Save `tensors` without `victim` as the directory's weights: loading is refused, naming that one missing
+    tensor, and nothing is loaded."""
+    from safetensors.torch import save_file
+
+    from moecpt import from_pretrained
+    from moecpt.errors import UserError
+
+    assert victim in tensors, victim
+    save_file({k: v for k, v in tensors.items() if k != victim}, str(Path(hf_dir) / "model.safetensors"))
+    with pytest.raises(UserError) as e:
+        from_pretrained(hf_dir)
+    assert "missing (1)" in str(e.value) and victim in str(e.value) and "nothing was loaded" in str(e.value)
+
+
 def compare_gradients(hf, model, ids: torch.Tensor, hf_name, tol: float, to_ours=None) -> None:
     """Backward of the labels loss through both: every moecpt parameter has a gradient within `tol` of
     transformers' (`hf_name` maps moecpt's name to transformers' in-memory one; `to_ours(name, grad)`, where

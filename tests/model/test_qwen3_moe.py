@@ -22,6 +22,7 @@ from moecpt.model.families.qwen3_moe import Qwen3MoeAdapter, Qwen3MoeConfig
 transformers = pytest.importorskip("transformers")
 
 from .parity import (  # noqa: E402
+    assert_missing_tensor_refused,
     compare_forward,
     compare_generation,
     compare_gradients,
@@ -194,11 +195,7 @@ def test_a_missing_expert_tensor_is_refused_by_name(tmp_path, layout):
     else:
         tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
         victim = "model.layers.1.mlp.experts.down_proj"
-    del tensors[victim]
-    save_file(tensors, str(path))
-    with pytest.raises(UserError) as e:
-        moecpt.from_pretrained(tmp_path)
-    assert "missing (1)" in str(e.value) and victim in str(e.value) and "nothing was loaded" in str(e.value)
+    assert_missing_tensor_refused(tmp_path, tensors, victim)
 
 
 def test_a_dense_layer_saved_as_moe_is_refused(tmp_path):
